@@ -1,0 +1,117 @@
+"""Checkpoints that resume bit for bit, written atomically.
+
+Layout of ``checkpoints/step_<N>/``:
+  model.safetensors      unwrapped model state (names stable across world sizes)
+  optimizer.pt           optimizer state, loaded back with ``weights_only=True`` (no pickled code)
+  trainer_state.json     step, scheduler, weighting and whatever else the trainer registers
+  rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
+
+A checkpoint is written under ``.partial-step_<N>`` and renamed to ``step_<N>`` by the main process
+only after every rank has written its part: a crash mid-save never leaves a directory that
+``resume=auto`` would pick. Assumes ``output_dir`` is on a filesystem every rank can see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import Distributed
+from .errors import ConfigError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def find_resume_path(resume: str, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: the newest complete one for ``auto``, none for ``none``."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(Path(output_dir) / "checkpoints")
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError("train.resume", f"{resume} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Write a checkpoint for ``step`` collectively; returns its final path."""
+    final = root / f"step_{step}"
+    partial = root / f".partial-step_{step}"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
+        partial.mkdir()
+    dist.barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(partial / f"rng_rank{dist.rank}.safetensors"))
+    if dist.is_main:
+        weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
+        save_file(weights, str(partial / "model.safetensors"))
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
+    dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
+    if dist.is_main:
+        if final.exists():  # re-saving a step after a resume: swap, so a complete copy always exists
+            stale = root / f".stale-step_{step}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _rotate(root, keep)
+    dist.barrier()
+    return final
+
+
+def _rotate(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load(dist: Distributed, path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+    state = json.loads((path / STATE_FILE).read_text())
+    dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    rng_file = path / f"rng_rank{dist.rank}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state

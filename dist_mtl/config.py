@@ -1,0 +1,551 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Every field has a docstring under it; ``dist-mtl validate CONFIG`` prints the resolved result.
+Validation runs before any process group or data work starts, so a bad config costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+TaskKind = Literal["regression", "classification", "binary"]
+TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the synthetic multi-task generator (``data.source: synthetic``)."""
+
+    num_samples: int = 4096
+    """Rows to generate, before the validation split."""
+    input_dim: int = 16
+    """Number of input features; must exceed ``num_tasks``."""
+    num_tasks: int = 3
+    """Number of regression targets ``t0 .. t{num_tasks-1}`` (used when ``tasks`` is empty)."""
+    conflict: float = 0.5
+    """Task conflict in [0, 1]. Task t's target follows a unit direction w_t, and the pairwise cosine
+    of those directions is ``1 - conflict * T / (T - 1)``: 0 gives identical tasks, ``(T-1)/T``
+    orthogonal ones, 1 the most opposed set of T directions (cosine -1/(T-1))."""
+    nonlinearity: float = 0.5
+    """Amplitude of the ``sin(3 x.w_t)`` term added to each linear target, so an MLP has work to do."""
+    noise: float = 0.1
+    """Standard deviation of the Gaussian noise added to every target."""
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they are prepared."""
+
+    source: Literal["parquet", "csv", "json", "hub", "synthetic"] = "synthetic"
+    """Loader: a local file or directory (parquet/csv/json), a HF hub dataset name, or the generator."""
+    path: str | None = None
+    """File or directory for local sources (relative to the config file that names it, or to the
+    working directory for command-line overrides); the dataset name for ``hub``."""
+    hub_config: str | None = None
+    """Dataset configuration name for ``hub`` sources."""
+    split: str = "train"
+    """Split to load; the validation rows are held out of it (see ``val_fraction``)."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch) for ``hub`` sources; pin it for reproducible runs."""
+    features: list[str] | None = None
+    """Input columns. Default: every numeric column that is not a task target."""
+    val_fraction: float = 0.1
+    """Fraction of rows held out for validation, chosen deterministically from ``seed``."""
+    dropna: bool = False
+    """Drop rows with a missing or NaN feature or target. By default such rows are an error."""
+    standardize: bool = True
+    """Standardise features with the training split's mean and standard deviation."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Generator knobs, used when ``source`` is ``synthetic``."""
+
+
+@dataclass
+class TaskConfig:
+    """One task: a target column, a head and a loss."""
+
+    name: str
+    """Unique task name (letters, digits, underscores); used in metric keys and head names."""
+    kind: TaskKind = "regression"
+    """``regression`` (one output), ``classification`` (classes read from the data) or ``binary``."""
+    target: str | None = None
+    """Target column. Default: the task name."""
+    loss: str | None = None
+    """Loss name from the kind's registry. Default: mse / ce / bce."""
+    weight: float = 1.0
+    """Static loss weight, used by ``mtl.weighting: static``."""
+    transform: Literal["none", "log", "log1p"] = "none"
+    """Regression only: transform applied to the target before standardising (e.g. log price)."""
+    standardize: bool = True
+    """Regression only: standardise the (transformed) target with training-split statistics."""
+    data: DataConfig | None = None
+    """This task's own dataset. Not supported yet (it comes with the per-task backward engines)."""
+
+
+@dataclass
+class ModelConfig:
+    """Shared encoder plus one head per task."""
+
+    encoder: str = "mlp"
+    """Encoder name from the encoder registry."""
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    """Hidden layer widths of the encoder; the last one is the representation size."""
+    activation: str = "relu"
+    """Activation between layers (relu, gelu, silu, tanh)."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer. Off by default: dropout masks depend on how a batch is split
+    across ranks, so N-process runs then match 1-process runs only in distribution."""
+    layer_norm: bool = False
+    """LayerNorm after each hidden linear layer."""
+    head_hidden: list[int] = field(default_factory=list)
+    """Hidden widths of each task head; empty means a single linear layer."""
+
+
+@dataclass
+class MTLConfig:
+    """How per-task losses become one update."""
+
+    backward: str = "sum"
+    """Backward engine: how task losses become synchronised gradients."""
+    weighting: str = "equal"
+    """Loss-level weighting method."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-task static weights for ``weighting: static``; they override ``tasks[].weight``."""
+    aggregator: str = "none"
+    """Gradient-level aggregator (needs ``backward: jacobian``)."""
+    jacobian_sync: Literal["global", "local"] = "global"
+    """Jacobian mode: all-reduce per-task gradients before aggregating (exact), or aggregate per rank."""
+    schedule: list[dict[str, Any]] = field(default_factory=list)
+    """Training phases. Not supported yet (it comes with the schedules issue)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 256
+    """Global batch per optimizer step, across all processes and accumulation micro-steps. It must
+    divide evenly by ``num_processes * grad_accum``."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    task_lr: dict[str, float] = field(default_factory=dict)
+    """Per-task learning rates for the task heads; heads not named here use ``lr``."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak learning rate."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision. fp16 needs a GPU."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 evaluates only at the end."""
+    eval_batch_size: int = 2048
+    """Per-process batch size for evaluation."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps; 0 disables periodic checkpoints."""
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in output_dir, if any), ``none``, or a checkpoint path."""
+    check_consistency_every: int = 0
+    """Compare a checksum of every rank's parameters every N steps and stop if they differ; 0 = only
+    at the end of training (always done, recorded in run.json)."""
+    deterministic: bool = False
+    """Use deterministic torch algorithms (slower on GPU; needed for bitwise resume there)."""
+
+
+@dataclass
+class LogConfig:
+    """Metrics, progress bar and Weights & Biases."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode; offline runs are written under ``output_dir/wandb``."""
+    every: int = 10
+    """Log every N optimizer steps (and always at the last step)."""
+    project: str = "dist_mtl"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    group: str | None = None
+    """W&B group."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    run_name: str | None = None
+    """W&B run name. Default: the output directory's name."""
+    progress: bool = True
+    """Show a progress bar on the main process."""
+
+
+@dataclass
+class Config:
+    """A whole run. The run is a function of this config (and the number of processes only through
+    float rounding)."""
+
+    seed: int = 0
+    """Seed for initialisation, the validation split, the batch order and the synthetic data."""
+    output_dir: str = "runs/default"
+    """Where config.yaml, run.json, metrics.jsonl, checkpoints/, final/ and wandb/ are written."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset shared by all tasks."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Tasks. Empty with a synthetic source: ``t0 .. t{num_tasks-1}`` regression tasks."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    mtl: MTLConfig = field(default_factory=MTLConfig)
+    """Multi-task method."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass conversion with key paths in every error
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null", Any: "anything"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key`` and what is allowed."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "config", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(key, f"unknown key{hint}; allowed here: {', '.join(fields)}")
+        kwargs[name] = _convert(value, hints[name], key)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}.{missing[0]}" if prefix else missing[0], "is required")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides, paths
+
+
+class _SafeLoaderNoDupes(yaml.SafeLoader):
+    """SafeLoader (so ``!!python`` tags are refused) that also rejects duplicate keys."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_SafeLoaderNoDupes.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping safely; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_SafeLoaderNoDupes)  # noqa: S506 - safe subclass
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place. The value is parsed as YAML; list items are
+    addressed by index or, for ``tasks``, by task name (``tasks.price.weight=2``)."""
+    if "=" not in override:
+        raise ConfigError("", f"override {override!r} must look like key.path=value")
+    dotted, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, here)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(here, f"cannot set a key below a {type(node).__name__}")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:  # absent, or an explicit null that the override fills in
+                node[part] = {}
+            node = node[part]
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(key, f"index out of range (the list has {len(items)} items)")
+        return index
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(key, f"no item named {part!r}; items: {', '.join(map(str, names)) or '(none)'}")
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make relative ``data.path`` values (top level and per task) absolute against ``base``."""
+    blocks = [data.get("data")] + [t.get("data") for t in data.get("tasks") or [] if isinstance(t, dict)]
+    for block in blocks:
+        if not isinstance(block, dict) or block.get("source") == "hub":
+            continue
+        path = block.get("path")
+        if isinstance(path, str) and path and not os.path.isabs(path):
+            block["path"] = str((base / path).resolve())
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, and validate it.
+
+    Relative data paths in the file are relative to the file; those given as overrides are
+    relative to the working directory. ``world_size`` defaults to ``$WORLD_SIZE`` (1 if unset) and
+    is used to check that the global batch divides evenly.
+    """
+    data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        _resolve_paths(data, Path(path).resolve().parent)
+    for override in overrides:
+        apply_override(data, override)
+    _resolve_paths(data, Path.cwd())
+    cfg = _build(Config, data, "")
+    validate(cfg, world_size=world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for config.yaml, run.json and W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation across fields
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _check_name(name: str, registry: dict, key: str) -> None:
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(key, f"unknown name {name!r}{hint}; allowed: {', '.join(sorted(registry))}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks. Fills in defaults that depend on other fields (synthetic tasks)."""
+    # Registries are imported here so that config.py stays importable on its own.
+    from .engine import BACKWARDS
+    from .models import ACTIVATIONS, ENCODERS
+    from .tasks import LOSSES
+    from .weighting import WEIGHTINGS
+
+    _validate_data(cfg.data, "data")
+    if not cfg.tasks and cfg.data.source == "synthetic":
+        cfg.tasks = [TaskConfig(name=f"t{i}", kind="regression", target=f"t{i}")
+                     for i in range(cfg.data.synthetic.num_tasks)]
+    _require(bool(cfg.tasks), "tasks", "at least one task is required (a list of {name, kind, target})")
+    seen: set[str] = set()
+    for i, task in enumerate(cfg.tasks):
+        key = f"tasks[{i}]"
+        _require(bool(TASK_NAME.match(task.name)), f"{key}.name",
+                 f"{task.name!r} is not a valid task name (letters, digits and underscores, starting with a letter)")
+        _require(task.name not in seen, f"{key}.name", f"duplicate task name {task.name!r}")
+        seen.add(task.name)
+        if task.target is None:
+            task.target = task.name
+        if task.loss is None:
+            task.loss = next(iter(LOSSES[task.kind]))
+        _check_name(task.loss, LOSSES[task.kind], f"{key}.loss")
+        _require(task.transform == "none" or task.kind == "regression", f"{key}.transform",
+                 "a target transform applies to regression tasks only")
+        _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
+        _require(task.data is None, f"{key}.data",
+                 "per-task datasets are not supported yet; give all tasks the top-level data block")
+
+    m = cfg.model
+    _check_name(m.encoder, ENCODERS, "model.encoder")
+    _check_name(m.activation, ACTIVATIONS, "model.activation")
+    _require(bool(m.hidden) and all(h > 0 for h in m.hidden), "model.hidden",
+             f"must be a non-empty list of positive widths, got {m.hidden}")
+    _require(all(h > 0 for h in m.head_hidden), "model.head_hidden", f"widths must be positive, got {m.head_hidden}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+
+    mtl = cfg.mtl
+    _check_name(mtl.backward, BACKWARDS, "mtl.backward")
+    _check_name(mtl.weighting, WEIGHTINGS, "mtl.weighting")
+    _require(mtl.aggregator == "none", "mtl.aggregator",
+             f"{mtl.aggregator!r} is not available yet; allowed: none (gradient aggregators need backward: jacobian)")
+    for name, w in mtl.weights.items():
+        _check_name(name, {t: None for t in seen}, f"mtl.weights.{name}")
+        _require(w >= 0, f"mtl.weights.{name}", f"must be >= 0, got {w}")
+    _require(not mtl.schedule, "mtl.schedule", "training phases are not supported yet; remove mtl.schedule")
+
+    t = cfg.train
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
+        _require(getattr(t, name) > 0, f"train.{name}", f"must be a positive integer, got {getattr(t, name)}")
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "warmup_steps", "check_consistency_every"):
+        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+             f"must be two numbers in [0, 1), got {t.betas}")
+    for name, lr in t.task_lr.items():
+        _check_name(name, {n: None for n in seen}, f"train.task_lr.{name}")
+        _require(lr > 0, f"train.task_lr.{name}", f"must be > 0, got {lr}")
+    shards = world_size * t.grad_accum
+    _require(t.batch_size % shards == 0, "train.batch_size",
+             f"the global batch {t.batch_size} must divide evenly by num_processes * grad_accum "
+             f"= {world_size} * {t.grad_accum} = {shards}")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        _require(torch.cuda.is_available(), "train.mixed_precision",
+                 "fp16 needs a GPU (no CUDA device found); use bf16 or no")
+    _require(t.resume in ("auto", "none") or os.path.isdir(t.resume), "train.resume",
+             f"must be auto, none or an existing checkpoint directory; {t.resume!r} not found")
+    _require(cfg.log.every > 0, "log.every", f"must be a positive integer, got {cfg.log.every}")
+    _require(bool(cfg.output_dir), "output_dir", "must not be empty")
+
+
+def _validate_data(d: DataConfig, key: str) -> None:
+    _require(0.0 < d.val_fraction < 1.0, f"{key}.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if d.source == "synthetic":
+        s = d.synthetic
+        for name in ("num_samples", "input_dim", "num_tasks"):
+            _require(getattr(s, name) > 0, f"{key}.synthetic.{name}", f"must be a positive integer, got {getattr(s, name)}")
+        _require(s.input_dim > s.num_tasks, f"{key}.synthetic.input_dim",
+                 f"must exceed num_tasks ({s.num_tasks}) so task directions fit, got {s.input_dim}")
+        _require(0.0 <= s.conflict <= 1.0, f"{key}.synthetic.conflict", f"must be in [0, 1], got {s.conflict}")
+        _require(s.noise >= 0, f"{key}.synthetic.noise", f"must be >= 0, got {s.noise}")
+        return
+    _require(bool(d.path), f"{key}.path", f"is required for source {d.source!r}")
+    if d.source != "hub":
+        _require(os.path.exists(d.path), f"{key}.path", f"file not found: {d.path}")

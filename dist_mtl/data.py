@@ -1,0 +1,318 @@
+"""Data: loading through HF ``datasets`` (local files, hub, synthetic), preparation, and the
+global-batch-invariant sampler.
+
+The sampler is what makes N processes train on exactly the same global batches as 1 process:
+global batch k is a fixed slice of a seeded stream of permutations, and each (rank, micro-step)
+takes an equal, disjoint share of it. Nothing depends on the number of processes or on
+``grad_accum`` except which share a process reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import Config, DataConfig, SyntheticConfig, TaskConfig
+from .errors import DataError
+from .tasks import Task, target_dtype
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def synthetic_dataset(s: SyntheticConfig, seed: int):
+    """A multi-task regression set made only from ``seed``: inputs ``x0..x{D-1}`` ~ N(0, 1), and
+    targets ``t_i = z_i + a*sin(3 z_i) + noise`` with ``z_i = x . w_i``. The unit task directions
+    ``w_i`` have pairwise cosine ``1 - conflict * T/(T-1)`` (see ``SyntheticConfig.conflict``)."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    T, D = s.num_tasks, s.input_dim
+    directions = task_directions(T, D, s.conflict, rng)
+    x = rng.standard_normal((s.num_samples, D))
+    z = x @ directions.T
+    y = z + s.nonlinearity * np.sin(3.0 * z) + s.noise * rng.standard_normal(z.shape)
+    columns = {f"x{j}": x[:, j].astype(np.float32) for j in range(D)}
+    columns.update({f"t{i}": y[:, i].astype(np.float32) for i in range(T)})
+    return datasets.Dataset.from_dict(columns)
+
+
+def task_directions(num_tasks: int, dim: int, conflict: float, rng: np.random.Generator) -> np.ndarray:
+    """``num_tasks`` unit vectors in R^dim with equal pairwise cosine ``1 - conflict*T/(T-1)``.
+
+    Their Gram matrix ``(1-c) I + c 11^T`` is PSD for c in [-1/(T-1), 1]; its square root gives
+    coordinates in R^T, which a random orthonormal basis embeds in R^dim."""
+    T = num_tasks
+    c = 1.0 - conflict * T / (T - 1) if T > 1 else 1.0
+    gram = (1.0 - c) * np.eye(T) + c * np.ones((T, T))
+    eigval, eigvec = np.linalg.eigh(gram)
+    coords = eigvec * np.sqrt(np.clip(eigval, 0.0, None))  # rows: task vectors in R^T
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, T)))  # dim x T, orthonormal columns
+    return coords @ basis.T
+
+
+def load_source(d: DataConfig, seed: int):
+    """Load the configured source as one ``datasets.Dataset``."""
+    import datasets
+
+    if d.source == "synthetic":
+        return synthetic_dataset(d.synthetic, seed)
+    try:
+        if d.source == "hub":
+            return datasets.load_dataset(d.path, d.hub_config, split=d.split, revision=d.revision)
+        return datasets.load_dataset(d.source, data_files=d.path, split="train")
+    except FileNotFoundError as e:
+        raise DataError(f"data.path: not found: {d.path} ({_one_line(e)})") from None
+    except Exception as e:  # datasets raises many types for unreadable files or unreachable hubs
+        raise DataError(f"data.path: cannot load {d.source} data from {d.path!r}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] or type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation
+
+
+@dataclass
+class TensorData:
+    """One split as tensors: features ``x`` (N, D) and one target tensor per task."""
+
+    x: Tensor
+    targets: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.x[indices], {name: y[indices] for name, y in self.targets.items()}
+
+
+@dataclass
+class PreparedData:
+    """Train and validation tensors plus what is needed to interpret them."""
+
+    train: TensorData
+    val: TensorData
+    tasks: list[Task]
+    features: list[str]
+    preprocessing: dict = field(default_factory=dict)
+    """Feature means/stds, target transforms and class names: enough to reproduce the inputs."""
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Validation metrics of trivial predictors (train mean, train majority class)."""
+
+
+def prepare(cfg: Config):
+    """Load, split, check, encode and standardise the data for ``cfg.tasks``."""
+    ds = load_source(cfg.data, cfg.seed)
+    columns = list(ds.column_names)
+    targets = [t.target for t in cfg.tasks]
+    for i, task in enumerate(cfg.tasks):
+        if task.target not in columns:
+            raise DataError(f"tasks[{i}].target: column {task.target!r} is not in {cfg.data.path or 'the data'}; "
+                            f"columns: {', '.join(columns)}")
+    features = _resolve_features(cfg.data, ds, targets)
+    used = list(dict.fromkeys(features + targets))
+    ds = ds.select_columns(used)
+    ds = _drop_or_reject_missing(ds, used, cfg.data)
+    if ds.num_rows < 2:
+        raise DataError(f"data: {ds.num_rows} usable rows; at least 2 are needed for a train/validation split")
+
+    split = ds.train_test_split(test_size=cfg.data.val_fraction, seed=cfg.seed)
+    train, val = split["train"], split["test"]
+    if val.num_rows == 0 or train.num_rows == 0:
+        raise DataError(f"data.val_fraction: {cfg.data.val_fraction} leaves an empty split of {ds.num_rows} rows")
+
+    tasks, encoders, prep = [], {}, {"features": features, "targets": {}}
+    for task_cfg in cfg.tasks:
+        task, encode, info = _task_encoding(task_cfg, ds, train)
+        tasks.append(task)
+        encoders[task_cfg.target] = encode
+        prep["targets"][task.name] = info
+    mean, std = _feature_stats(train, features, cfg.data.standardize)
+    prep["feature_mean"], prep["feature_std"] = mean.tolist(), std.tolist()
+
+    def transform(batch: dict) -> dict:
+        out = {"__x": ((np.stack([np.asarray(batch[f], dtype=np.float64) for f in features], 1) - mean) / std)
+               .astype(np.float32)}
+        for target, encode in encoders.items():
+            out[f"__y_{target}"] = encode(np.asarray(batch[target]))
+        return out
+
+    train_t = _to_tensors(train.map(transform, batched=True, remove_columns=train.column_names), cfg.tasks, tasks)
+    val_t = _to_tensors(val.map(transform, batched=True, remove_columns=val.column_names), cfg.tasks, tasks)
+    return PreparedData(train_t, val_t, tasks, features, prep, _baselines(train_t, val_t, tasks))
+
+
+def _resolve_features(d: DataConfig, ds, targets: list[str]) -> list[str]:
+    columns = list(ds.column_names)
+    if d.features is not None:
+        for name in d.features:
+            if name not in columns:
+                raise DataError(f"data.features: column {name!r} is not in the data; columns: {', '.join(columns)}")
+            if not _is_numeric(ds.features[name]):
+                raise DataError(f"data.features: column {name!r} is not numeric ({ds.features[name]})")
+        overlap = sorted(set(d.features) & set(targets))
+        if overlap:
+            raise DataError(f"data.features: {overlap[0]!r} is also a task target; a target cannot be an input")
+        if not d.features:
+            raise DataError("data.features: the list is empty; name at least one input column")
+        return list(d.features)
+    features = [c for c in columns if c not in targets and _is_numeric(ds.features[c])]
+    if not features:
+        raise DataError("data.features: no numeric input columns remain after removing the targets; "
+                        f"columns: {', '.join(columns)}")
+    return features
+
+
+def _is_numeric(feature) -> bool:
+    dtype = getattr(feature, "dtype", "")
+    return dtype.startswith(("int", "uint", "float")) or dtype == "bool"
+
+
+def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in columns:
+        column = ds.data.column(name)
+        missing = column.null_count
+        if pa.types.is_floating(column.type):
+            missing += pc.sum(pc.is_nan(column)).as_py() or 0
+        if missing and not d.dropna:
+            raise DataError(f"data: column {name!r} has {missing} missing or NaN values; "
+                            "clean the data or set data.dropna=true to drop those rows")
+    if d.dropna:
+        ds = ds.filter(lambda row: all(row[c] is not None and row[c] == row[c] for c in columns))
+    return ds
+
+
+def _task_encoding(task_cfg: TaskConfig, ds, train):
+    """The run-time Task, a numpy encoder for its target column, and the info to undo it."""
+    col = task_cfg.target
+    if task_cfg.kind == "regression":
+        values = np.asarray(train[col], dtype=np.float64)
+        if not _is_numeric(ds.features[col]):
+            raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} is not numeric; a regression target must be")
+        forward = {"none": lambda v: v, "log": np.log, "log1p": np.log1p}[task_cfg.transform]
+        if task_cfg.transform != "none":
+            smallest = float(np.min(ds[col]))
+            if smallest <= (0 if task_cfg.transform == "log" else -1):
+                raise DataError(f"tasks.{task_cfg.name}.transform: {task_cfg.transform} needs "
+                                f"{'positive' if task_cfg.transform == 'log' else '> -1'} values; "
+                                f"column {col!r} has {smallest}")
+        transformed = forward(values)
+        mu = float(transformed.mean()) if task_cfg.standardize else 0.0
+        sd = float(transformed.std()) or 1.0 if task_cfg.standardize else 1.0
+
+        def encode(v: np.ndarray) -> np.ndarray:
+            return ((forward(v.astype(np.float64)) - mu) / sd).astype(np.float32)
+
+        info = {"kind": "regression", "transform": task_cfg.transform, "mean": mu, "std": sd}
+        return Task(task_cfg.name, "regression", task_cfg.loss), encode, info
+
+    classes = sorted(ds.unique(col), key=lambda v: (str(type(v)), v))
+    if task_cfg.kind == "binary" and len(classes) != 2:
+        raise DataError(f"tasks.{task_cfg.name}.target: a binary target needs exactly 2 distinct values; "
+                        f"column {col!r} has {len(classes)}: {classes[:10]}")
+    if task_cfg.kind == "classification" and len(classes) < 2:
+        raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has {len(classes)} class(es); at least 2 are needed")
+    lookup = {value: i for i, value in enumerate(classes)}
+    dtype = np.int64 if task_cfg.kind == "classification" else np.float32
+
+    def encode(v: np.ndarray) -> np.ndarray:
+        return np.fromiter((lookup[item] for item in v.tolist()), dtype=dtype, count=len(v))
+
+    info = {"kind": task_cfg.kind, "classes": [c if isinstance(c, (int, float, str, bool)) else str(c) for c in classes]}
+    task = Task(task_cfg.name, task_cfg.kind, task_cfg.loss, num_classes=len(classes) if task_cfg.kind == "classification" else 0)
+    return task, encode, info
+
+
+def _feature_stats(train, features: list[str], standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not standardize:
+        return np.zeros(len(features)), np.ones(len(features))
+    x = np.stack([np.asarray(train[f], dtype=np.float64) for f in features], 1)
+    std = x.std(0)
+    return x.mean(0), np.where(std > 0, std, 1.0)
+
+
+def _to_tensors(ds, task_cfgs: list[TaskConfig], tasks: list[Task]) -> TensorData:
+    ds = ds.with_format("numpy")
+    x = torch.from_numpy(np.ascontiguousarray(ds["__x"], dtype=np.float32))
+    targets = {task.name: torch.from_numpy(np.asarray(ds[f"__y_{tc.target}"])).to(target_dtype(task.kind))
+               for tc, task in zip(task_cfgs, tasks)}
+    return TensorData(x, targets)
+
+
+def _baselines(train: TensorData, val: TensorData, tasks: list[Task]) -> dict[str, dict[str, float]]:
+    """Validation metrics of the trivial predictors that a model must beat."""
+    out = {}
+    for task in tasks:
+        y_train, y_val = train.targets[task.name], val.targets[task.name]
+        if task.kind == "regression":
+            err = (y_val.double() - y_train.double().mean())
+            out[task.name] = {"mse": float((err * err).mean()), "mae": float(err.abs().mean())}
+        else:
+            majority = torch.mode(y_train).values
+            out[task.name] = {"accuracy": float((y_val == majority).double().mean())}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+class GlobalBatchSampler:
+    """Global batch ``k`` is positions ``[k*B, (k+1)*B)`` of an endless stream made of one seeded
+    permutation of the rows per epoch. It depends only on ``seed`` and ``batch_size``.
+
+    ``local_batches(k, rank, world, accum)`` cuts global batch k into ``world*accum`` equal
+    micro-batches; micro-step m of rank r reads piece ``m*world + r``. Equal pieces mean that the
+    mean over ranks and micro-steps of per-piece mean losses is exactly the global-batch mean.
+    Resuming at step k needs no sampler state: the position is a function of k.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int) -> None:
+        if num_rows <= 0:
+            raise DataError("data: the training split is empty")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # batches only ever straddle two neighbouring epochs
+                self._perms.pop(min(self._perms))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.num_rows, generator=generator)
+        return self._perms[epoch]
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed after ``step`` optimizer steps."""
+        return step * self.batch_size / self.num_rows
+
+    def global_batch(self, step: int) -> Tensor:
+        start = step * self.batch_size
+        stop = start + self.batch_size
+        pieces = []
+        while start < stop:
+            epoch, offset = divmod(start, self.num_rows)
+            take = min(stop - start, self.num_rows - offset)
+            pieces.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        return torch.cat(pieces)
+
+    def local_batches(self, step: int, rank: int, world: int, accum: int) -> list[Tensor]:
+        indices = self.global_batch(step)
+        size = self.batch_size // (world * accum)
+        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size] for m in range(accum)]
+
+
+def eval_shard(num_rows: int, rank: int, world: int) -> Tensor:
+    """This rank's validation rows: a strided, disjoint share (no sample is counted twice)."""
+    return torch.arange(rank, num_rows, world)
+

@@ -1,0 +1,171 @@
+"""The only module that knows about ranks.
+
+Everything distributed goes through :class:`Distributed`: building the Accelerator (with the CPU
+launch traps handled), reductions, main-process-first work with error propagation, and the
+rank-consistency check. Other modules ask it questions; they never read RANK themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+
+from .errors import DataError, UsageError
+
+T = TypeVar("T")
+
+
+class LaunchError(UsageError):
+    """The launcher and the process group disagree (exit code 2)."""
+
+
+def env_world_size() -> int:
+    """The world size the launcher announced, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_is_main() -> bool:
+    """Whether this process is global rank 0 according to the launcher (usable before init)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_world(actual_world_size: int, announced: int | None = None) -> None:
+    """Refuse to train when the launcher started N > 1 processes but this one trains alone.
+
+    That is the silent trap of ``Accelerator()`` without ``cpu=True`` on a machine with no GPU:
+    every process gets world size 1 and trains the same data independently.
+    """
+    announced = env_world_size() if announced is None else announced
+    if announced > 1 and actual_world_size != announced:
+        raise LaunchError(
+            f"WORLD_SIZE is {announced} but the process group has {actual_world_size} process(es); "
+            "on a machine with no GPU build the Accelerator with cpu=True (dist-mtl does) and launch "
+            "with `accelerate launch --multi_gpu` or `torchrun`, not `accelerate launch --cpu`")
+
+
+class Distributed:
+    """Rank logic for one run: wraps an ``accelerate.Accelerator``."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        check_world(accelerator.num_processes)
+
+    @classmethod
+    def create(cls, mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
+               find_unused_parameters: bool = False, timeout_s: int = 600) -> "Distributed":
+        """Start (or join) the process group through Accelerate.
+
+        ``cpu=True`` whenever there is no CUDA device: otherwise Accelerate 1.15 leaves every
+        process launched by torchrun / ``accelerate launch --multi_gpu`` alone with world size 1.
+        """
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        handlers = [
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            # A dead peer should fail the job, not hold the allocation for the 30-minute default.
+            InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+        ]
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                                  log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+        return cls(accelerator)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def num_machines(self) -> int:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        return max(1, self.world_size // max(1, local))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+
+    # -- collectives ---------------------------------------------------------------------------
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks, in place and returned (a no-op on one process)."""
+        if self.distributed:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        return tensor
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """Mean over ranks of a tensor that every rank holds (a new tensor)."""
+        out = tensor.detach().clone()
+        return self.all_reduce_sum(out) / self.world_size
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the main process, then on the others (so caches are built once).
+
+        Unlike ``accelerator.main_process_first()``, an error on the main process reaches every
+        rank instead of leaving the others waiting at a barrier until the collective timeout.
+        """
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UsageError as e:
+                error = (type(e).__name__, str(e))
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise (DataError if error[0] == "DataError" else UsageError)(error[1])
+        if not self.is_main:
+            result = fn()
+        return result
+
+    # -- consistency ---------------------------------------------------------------------------
+    def parameter_digests(self, model: nn.Module) -> list[str]:
+        """SHA-256 of every rank's parameter bytes, gathered on all ranks (a bitwise comparison)."""
+        digest = hashlib.sha256()
+        for name, param in sorted(self.accelerator.unwrap_model(model).state_dict().items()):
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return self.all_gather_object(digest.hexdigest())
+
+    def check_consistent(self, model: nn.Module, step: int) -> list[str]:
+        """Raise if any rank's parameters differ bitwise from rank 0's; return the digests."""
+        digests = self.parameter_digests(model)
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise RuntimeError(f"replicas diverged at step {step}: rank(s) {bad} hold different parameters "
+                               "from rank 0")
+        return digests

@@ -1,0 +1,98 @@
+"""metrics.jsonl and Weights & Biases, written by the main process only.
+
+The trainer hands over records whose values are already global (reduced across ranks); other
+ranks hold a Tracker too, but it does nothing, so no rank ever does W&B work but the main one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, to_dict
+from .distributed import env_is_main
+
+
+def wandb_available() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
+def wandb_run_id(output_dir: str) -> str:
+    """A run id derived from the output directory, so a resumed run continues the same W&B run."""
+    return "dm-" + hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+class Tracker:
+    """Writes metric records to metrics.jsonl and W&B, on the main process only."""
+
+    def __init__(self, cfg: Config, accelerator, is_main: bool, run_dir: Path, resume_step: int | None) -> None:
+        self.cfg, self.accelerator, self.active = cfg, accelerator, is_main
+        self.use_wandb = cfg.log.wandb != "disabled"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if not self.active:
+            return
+        self._truncate_after(resume_step)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if self.use_wandb:
+            self._init_wandb(run_dir)
+
+    @staticmethod
+    def wandb_log_with(cfg: Config) -> str | None:
+        """What to pass as ``Accelerator(log_with=...)``; says once if W&B is unavailable."""
+        if cfg.log.wandb == "disabled":
+            return None
+        if not wandb_available():
+            if env_is_main():
+                print("dist-mtl: wandb is not installed; W&B logging is off (metrics.jsonl is still written)",
+                      file=sys.stderr)
+            cfg.log.wandb = "disabled"
+            return None
+        return "wandb"
+
+    def _init_wandb(self, run_dir: Path) -> None:
+        log = self.cfg.log
+        init = {"mode": log.wandb, "dir": str(run_dir), "id": wandb_run_id(str(run_dir)), "resume": "allow",
+                "name": log.run_name or run_dir.name, "group": log.group, "tags": log.tags or None,
+                "entity": log.entity}
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.accelerator.init_trackers(log.project, config=to_dict(self.cfg),
+                                       init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+
+    def _truncate_after(self, step: int | None) -> None:
+        """On resume, drop lines logged after the checkpoint, so no step appears twice."""
+        if not self.metrics_path.exists():
+            return
+        if step is None:
+            self.metrics_path.unlink()  # a fresh run in a reused directory starts a fresh log
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, record: dict) -> None:
+        """Write one record (it must hold ``step``) to metrics.jsonl and W&B."""
+        if not self.active:
+            return
+        self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+        if self.use_wandb:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if not self.active:
+            return
+        self._file.close()
+        if self.use_wandb:
+            self.accelerator.end_training()

@@ -1,0 +1,271 @@
+"""The training loop. ``train()`` reads top to bottom; the pieces it calls are below it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import __version__, checkpoint
+from .config import Config, TrainConfig, dump_yaml
+from .data import GlobalBatchSampler, PreparedData, TensorData, eval_shard, prepare
+from .distributed import Distributed
+from .engine import BACKWARDS, BackwardEngine
+from .errors import ConfigError
+from .models import MultiTaskModel, build_model
+from .tasks import Task
+from .tracking import Tracker
+from .weighting import Weighting, build_weighting
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns on every rank."""
+
+    output_dir: Path
+    steps: int
+    final_eval: dict[str, float]
+    param_digests: list[str]
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train ``cfg`` on however many processes were launched; every rank calls this."""
+    run_dir = Path(cfg.output_dir).resolve()
+    _check_output_dir(run_dir)
+    dist = Distributed.create(cfg.train.mixed_precision, Tracker.wandb_log_with(cfg), str(run_dir))
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # Data: built once on the main process (HF caches), then on the others from the cache.
+    data = dist.main_first(lambda: prepare(cfg))
+    sampler = GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed)
+
+    # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
+    optimizer = build_optimizer(cfg.train, model)
+    # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
+    # num_processes times, making the schedule depend on the world size.
+    scheduler = build_scheduler(cfg.train, optimizer)
+    model, optimizer = dist.accelerator.prepare(model, optimizer)
+    weighting = build_weighting(cfg)
+    engine: BackwardEngine = BACKWARDS[cfg.mtl.backward](dist, model, data.tasks, weighting)
+
+    # Resume: the sampler needs no state (its position is a function of the step).
+    resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
+    start = 0
+    if resume_path is not None:
+        state = checkpoint.load(dist, resume_path, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        weighting.load_state_dict(state["weighting"])
+        start = state["step"]
+    else:
+        # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
+        torch.manual_seed(cfg.seed + 1 + dist.rank)
+    if dist.is_main:
+        _write_run_files(cfg, dist, run_dir, data, resume_path, start)
+    tracker = Tracker(cfg, dist.accelerator, dist.is_main, run_dir, start if resume_path else None)
+
+    progress = _progress_bar(cfg, dist, start)
+    final_eval: dict[str, float] = {}
+    for step in range(start, cfg.train.max_steps):
+        tic = time.perf_counter()
+        losses = train_step(cfg, dist, engine, model, optimizer, scheduler, data.train, sampler, step)
+        done = step + 1
+
+        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+            record = _train_record(cfg, dist, losses, weighting, optimizer, sampler, done, time.perf_counter() - tic)
+            tracker.log(record)
+            progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
+            final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)
+            tracker.log({"step": done, **final_eval})
+        if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
+            dist.check_consistent(model, done)
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps:
+            checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
+                            {"scheduler": scheduler.state_dict(), "weighting": weighting.state_dict()},
+                            cfg.train.keep_checkpoints)
+        progress.update(1)
+    progress.close()
+    if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
+        final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)
+
+    digests = dist.check_consistent(model, cfg.train.max_steps)
+    if dist.is_main:
+        _write_final(dist, model, run_dir, data, final_eval, digests)
+    tracker.finish()
+    dist.barrier()
+    return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
+
+
+def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, model: nn.Module, optimizer,
+               scheduler, train_data: TensorData, sampler: GlobalBatchSampler, step: int) -> dict[str, Tensor]:
+    """One optimizer step: this rank's share of global batch ``step``, through the backward engine.
+    Returns each task's loss on this rank (mean over its micro-batches)."""
+    micro_batches = []
+    for indices in sampler.local_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum):
+        x, targets = train_data.batch(indices)
+        micro_batches.append((x.to(dist.device), {k: v.to(dist.device) for k, v in targets.items()}))
+
+    def update() -> None:
+        if cfg.train.grad_clip > 0:
+            dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    losses = engine.run(step, micro_batches, update)
+    scheduler.step()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(dist: Distributed, model: nn.Module, val: TensorData, tasks: list[Task], batch_size: int) -> dict[str, float]:
+    """Per-task validation metrics over the whole validation split, each sample counted once:
+    every rank evaluates a disjoint share and the per-sample sums are all-reduced."""
+    module = dist.accelerator.unwrap_model(model)
+    module.eval()
+    shard = eval_shard(len(val), dist.rank, dist.world_size)
+    sums: dict[str, dict[str, Tensor]] = {}
+    for start in range(0, len(shard), batch_size):
+        x, targets = val.batch(shard[start:start + batch_size])
+        with dist.accelerator.autocast():
+            outputs = module(x.to(dist.device))
+        for task in tasks:
+            batch_sums = task.metric_sums(outputs[task.name], targets[task.name].to(dist.device))
+            for key, value in batch_sums.items():
+                sums.setdefault(task.name, {}).setdefault(key, torch.zeros((), dtype=torch.float64, device=dist.device))
+                sums[task.name][key] += value
+    module.train()
+    # One flat all-reduce; a rank with an empty share contributes zeros (keys come from the tasks).
+    keys = [(task.name, key) for task in tasks for key in task.sum_keys]
+    flat = torch.stack([sums.get(t, {}).get(k, torch.zeros((), dtype=torch.float64, device=dist.device)) for t, k in keys])
+    flat = dist.all_reduce_sum(flat).tolist()
+    results: dict[str, float] = {}
+    for task in tasks:
+        task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
+        for metric, value in Task.metrics_from_sums(task_sums, len(val)).items():
+            results[f"eval/{task.name}/{metric}"] = value
+    return results
+
+
+def build_optimizer(t: TrainConfig, model: MultiTaskModel) -> torch.optim.Optimizer:
+    """AdamW or SGD with one parameter group for the encoder and one per head (per-task lr)."""
+    groups = [{"params": list(model.encoder.parameters()), "lr": t.lr, "name": "encoder"}]
+    for name, head in model.heads.items():
+        groups.append({"params": list(head.parameters()), "lr": t.task_lr.get(name, t.lr), "name": f"head/{name}"})
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def lr_factor(t: TrainConfig, step: int) -> float:
+    """Multiplier of each group's base lr at optimizer step ``step`` (0-based): linear warmup, then
+    constant or cosine decay to ``min_lr_ratio``."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t, step))
+
+
+def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, optimizer,
+                  sampler: GlobalBatchSampler, done: int, step_time: float) -> dict:
+    """The global view of a step: per-task losses averaged over ranks (each rank's value is already
+    the mean over its micro-steps, and all pieces are the same size)."""
+    names = list(losses)
+    global_losses = dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()
+    weights = weighting.weights(done - 1)
+    record = {"step": done, "epoch": sampler.epoch(done), "samples": done * cfg.train.batch_size}
+    record.update({f"loss/{n}": v for n, v in zip(names, global_losses)})
+    record.update({f"weight/{n}": float(weights[n]) for n in names})
+    record["train/loss"] = sum(weights[n] * v for n, v in zip(names, global_losses))
+    record["lr"] = optimizer.param_groups[0]["lr"]
+    record["perf/step_time_s"] = step_time
+    record["perf/samples_per_s"] = cfg.train.batch_size / step_time if step_time > 0 else 0.0
+    return record
+
+
+def _progress_bar(cfg: Config, dist: Distributed, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (dist.is_main and cfg.log.progress))
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("output_dir", f"cannot create {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError("output_dir", f"{run_dir} is not writable")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: PreparedData,
+                     resume_path: Path | None, start: int) -> None:
+    import accelerate
+    import datasets
+
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    _atomic_json(run_dir / "run.json", {
+        "world_size": dist.world_size,
+        "num_machines": dist.num_machines,
+        "device": str(dist.device),
+        "mixed_precision": cfg.train.mixed_precision,
+        "versions": {"dist_mtl": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__, "python": platform.python_version()},
+        "git_commit": _git_commit(),
+        "hostname": platform.node(),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": str(resume_path) if resume_path else None,
+        "start_step": start,
+        "train_rows": len(data.train),
+        "val_rows": len(data.val),
+        "tasks": {t.name: {"kind": t.kind, "loss": t.loss_name, "out_dim": t.out_dim} for t in data.tasks},
+    })
+
+
+def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: PreparedData,
+                 final_eval: dict[str, float], digests: list[str]) -> None:
+    final = run_dir / "final"
+    final.mkdir(exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
+    save_file(weights, str(final / "model.safetensors"), metadata={"dist_mtl": __version__})
+    _atomic_json(final / "preprocessing.json", data.preprocessing)
+    _atomic_json(final / "eval.json", {"metrics": final_eval, "baselines": data.baselines})
+    run = json.loads((run_dir / "run.json").read_text())
+    run.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "param_digests": digests})
+    _atomic_json(run_dir / "run.json", run)
