@@ -152,6 +152,11 @@ class Distributed:
             result = fn()
         return result
 
+    def shutdown(self) -> None:
+        """Wait for every rank, then tear down the process group (every rank calls this)."""
+        self.barrier()
+        self.accelerator.state.destroy_process_group()
+
     # -- consistency ---------------------------------------------------------------------------
     def parameter_digests(self, model: nn.Module) -> list[str]:
         """SHA-256 of every rank's parameter bytes, gathered on all ranks (a bitwise comparison)."""

@@ -94,5 +94,5 @@ class Tracker:
         if not self.active:
             return
         self._file.close()
-        if self.use_wandb:
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): that also tears down the group
+            tracker.finish()

@@ -84,7 +84,7 @@ def train(cfg: Config) -> TrainResult:
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            record = _train_record(cfg, dist, losses, weighting, optimizer, sampler, done, time.perf_counter() - tic)
+            record = _train_record(cfg, dist, losses, weighting, sampler, done, time.perf_counter() - tic)
             tracker.log(record)
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
@@ -105,7 +105,7 @@ def train(cfg: Config) -> TrainResult:
     if dist.is_main:
         _write_final(dist, model, run_dir, data, final_eval, digests)
     tracker.finish()
-    dist.barrier()
+    dist.shutdown()
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
 
 
@@ -186,7 +186,7 @@ def build_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t, step))
 
 
-def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, optimizer,
+def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting,
                   sampler: GlobalBatchSampler, done: int, step_time: float) -> dict:
     """The global view of a step: per-task losses averaged over ranks (each rank's value is already
     the mean over its micro-steps, and all pieces are the same size)."""
@@ -197,17 +197,21 @@ def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], wei
     record.update({f"loss/{n}": v for n, v in zip(names, global_losses)})
     record.update({f"weight/{n}": float(weights[n]) for n in names})
     record["train/loss"] = sum(weights[n] * v for n, v in zip(names, global_losses))
-    record["lr"] = optimizer.param_groups[0]["lr"]
+    record["lr"] = cfg.train.lr * lr_factor(cfg.train, done - 1)  # the encoder's lr during this step
     record["perf/step_time_s"] = step_time
     record["perf/samples_per_s"] = cfg.train.batch_size / step_time if step_time > 0 else 0.0
     return record
 
 
 def _progress_bar(cfg: Config, dist: Distributed, start: int):
+    import sys
+
     from tqdm.auto import tqdm
 
+    # In a log file (SLURM, CI) redraw rarely instead of writing a line every 0.1 s.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                disable=not (dist.is_main and cfg.log.progress))
+                mininterval=interval, disable=not (dist.is_main and cfg.log.progress))
 
 
 def _check_output_dir(run_dir: Path) -> None:
