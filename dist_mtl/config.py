@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 TaskKind = Literal["regression", "classification", "binary"]
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 @dataclass
@@ -290,6 +291,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, faults
 from .config import Config, TrainConfig, dump_yaml
 from .data import GlobalBatchSampler, PreparedData, TensorData, eval_shard, prepare
 from .distributed import Distributed
@@ -97,6 +97,7 @@ def train(cfg: Config) -> TrainResult:
                             {"scheduler": scheduler.state_dict(), "weighting": weighting.state_dict()},
                             cfg.train.keep_checkpoints)
         progress.update(1)
+        faults.maybe_inject(done, dist.rank)
     progress.close()
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
         final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)

@@ -1,0 +1,93 @@
+"""Shared helpers: run the real CLI in subprocesses, on 1 process or under a real launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py
+
+# A tiny, fast, deterministic synthetic run. Batch 24 divides by 1, 2, 4 and by 2*2.
+TINY = {
+    "seed": 3,
+    "data": {"source": "synthetic", "val_fraction": 0.1,
+             "synthetic": {"num_samples": 1001, "input_dim": 8, "num_tasks": 3, "conflict": 0.6}},
+    "model": {"encoder": "mlp", "hidden": [16, 16]},
+    "mtl": {"backward": "sum", "weighting": "equal"},
+    "train": {"max_steps": 20, "batch_size": 24, "lr": 0.01, "warmup_steps": 2, "eval_every": 10},
+    "log": {"wandb": "disabled", "every": 5, "progress": False},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: one thread each (2 cores are shared), no network for W&B."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "DIST_MTL_FAULT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_SILENT="true", WANDB_MODE="offline",
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    output_dir: Path
+
+    def json(self, name: str) -> dict:
+        return json.loads((self.output_dir / name).read_text())
+
+    def metrics(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def check(self) -> "Run":
+        assert self.returncode == 0, f"exit {self.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-6000:]}"
+        return self
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def launch(config: Path, output_dir: Path, overrides: list[str] = (), nproc: int = 1, launcher: str = "accelerate",
+           command: str = "train", env: dict | None = None, timeout: int = 300) -> Run:
+    """Run ``dist-mtl <command>`` on ``nproc`` processes: plain python for 1, else a real launcher."""
+    args = [command, str(config), f"output_dir={output_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "dist_mtl", *args]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "dist_mtl", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "dist_mtl", *args]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    return Run(proc.returncode, proc.stdout, proc.stderr, Path(output_dir))
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", TINY)

@@ -1,0 +1,182 @@
+"""Config loading, overrides and validation: each error class names its key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, write_config
+from dist_mtl.config import Config, apply_override, load_config
+from dist_mtl.errors import ConfigError
+
+
+def load(tmp_path: Path, data: dict, *overrides: str, world_size: int = 1) -> Config:
+    return load_config(write_config(tmp_path / "c.yaml", data), list(overrides), world_size=world_size)
+
+
+def error_of(tmp_path: Path, data: dict, *overrides: str, world_size: int = 1) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, data, *overrides, world_size=world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bundled_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path, [], world_size=1)
+        assert cfg.tasks, path
+
+
+def test_diamonds_default_has_the_four_tasks_and_no_dropout():
+    cfg = load_config(REPO / "configs" / "diamonds.yaml", [], world_size=1)
+    assert [(t.name, t.kind) for t in cfg.tasks] == [
+        ("price", "regression"), ("cut", "classification"), ("color", "classification"), ("clarity", "classification")]
+    assert cfg.model.dropout == 0.0
+    assert Path(cfg.data.path) == (REPO / "data" / "diamonds.parquet").resolve()
+
+
+def test_synthetic_without_tasks_creates_t0_to_tn(tmp_path):
+    cfg = load(tmp_path, TINY)
+    assert cfg.task_names == ["t0", "t1", "t2"]
+    assert all(t.kind == "regression" and t.loss == "mse" for t in cfg.tasks)
+
+
+def test_overrides_are_typed_and_reach_nested_keys_and_tasks_by_name(tmp_path):
+    data = {**TINY, "tasks": [{"name": "t0"}, {"name": "t1"}]}
+    cfg = load(tmp_path, data, "train.lr=3e-3", "model.hidden=[8, 4]", "tasks.t1.weight=2.5", "tasks.0.kind=regression",
+               "log.tags=[a, b]", "data.synthetic.conflict=0.9")
+    assert cfg.train.lr == 0.003 and cfg.model.hidden == [8, 4]
+    assert cfg.tasks[1].weight == 2.5 and cfg.log.tags == ["a", "b"] and cfg.data.synthetic.conflict == 0.9
+
+
+def test_override_paths_are_relative_to_cwd_and_file_paths_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "elsewhere.csv").write_text("a,b\n1,2\n")
+    cfg_path = write_config(tmp_path / "sub" / "c.yaml", {"data": {"source": "csv", "path": "d.csv"},
+                                                          "tasks": [{"name": "b"}]})
+    monkeypatch.chdir(tmp_path)
+    assert load_config(cfg_path, [], world_size=1).data.path == str(tmp_path / "sub" / "d.csv")
+    assert load_config(cfg_path, ["data.path=elsewhere.csv"], world_size=1).data.path == str(tmp_path / "elsewhere.csv")
+
+
+def test_misspelt_key_suggests_the_right_one(tmp_path):
+    message = error_of(tmp_path, TINY, "train.lrr=0.1")
+    assert message.startswith("train.lrr: unknown key (did you mean 'train.lr'?)")
+    assert "max_steps" in message  # lists what is allowed
+
+
+def test_misspelt_top_level_section(tmp_path):
+    assert "did you mean 'model'?" in error_of(tmp_path, {**TINY, "modle": {}})
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    assert error_of(tmp_path, TINY, "train.max_steps=ten") == "train.max_steps: expected an integer, got 'ten'"
+    assert error_of(tmp_path, TINY, "train.batch_size=true").startswith("train.batch_size: expected an integer")
+
+
+def test_literal_lists_allowed_values(tmp_path):
+    message = error_of(tmp_path, TINY, "train.optimizer=adam")
+    assert message == "train.optimizer: got 'adam'; allowed: adamw, sgd"
+
+
+@pytest.mark.parametrize("override, key, listed", [
+    ("model.encoder=transformer", "model.encoder", "mlp"),
+    ("mtl.weighting=gradnorn", "mtl.weighting", "equal, static"),
+    ("mtl.backward=magic", "mtl.backward", "sum"),
+    ("model.activation=swish", "model.activation", "gelu, relu, silu, tanh"),
+])
+def test_unknown_registry_names_list_valid_names(tmp_path, override, key, listed):
+    message = error_of(tmp_path, TINY, override)
+    assert message.startswith(f"{key}: unknown name") and listed in message
+
+
+def test_unknown_loss_for_kind(tmp_path):
+    data = {**TINY, "tasks": [{"name": "t0", "loss": "ce"}]}
+    assert "allowed: huber, l1, mse, smooth_l1" in error_of(tmp_path, data)
+
+
+def test_batch_size_must_divide_by_processes_times_accum(tmp_path):
+    message = error_of(tmp_path, TINY, "train.batch_size=25", "train.grad_accum=2", world_size=2)
+    assert message.startswith("train.batch_size: the global batch 25 must divide evenly by num_processes * grad_accum")
+    assert "= 2 * 2 = 4" in message
+    load(tmp_path, TINY, "train.batch_size=24", "train.grad_accum=2", world_size=3)  # 24 / 6: fine
+
+
+def test_batch_check_reads_world_size_from_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(ConfigError, match="= 5 \\* 1 = 5"):
+        load_config(write_config(tmp_path / "c.yaml", TINY), [])
+
+
+def test_missing_data_file(tmp_path):
+    data = {**TINY, "data": {"source": "parquet", "path": "nope.parquet"}, "tasks": [{"name": "a"}]}
+    message = error_of(tmp_path, data)
+    assert message.startswith("data.path: file not found:") and "nope.parquet" in message
+
+
+@pytest.mark.parametrize("tasks, fragment", [
+    ([{"name": "a"}, {"name": "a"}], "tasks[1].name: duplicate task name 'a'"),
+    ([{"name": "a.b"}], "tasks[0].name: 'a.b' is not a valid task name"),
+    ([{"kind": "regression"}], "tasks[0].name: is required"),
+    ([{"name": "a", "kind": "ranking"}], "tasks[0].kind: got 'ranking'; allowed: regression, classification, binary"),
+    ([{"name": "a", "kind": "binary", "transform": "log"}], "tasks[0].transform: a target transform applies to regression"),
+])
+def test_task_errors(tmp_path, tasks, fragment):
+    assert fragment in error_of(tmp_path, {**TINY, "tasks": tasks})
+
+
+def test_empty_task_list_with_a_file_source(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b\n1,2\n")
+    data = {"data": {"source": "csv", "path": str(tmp_path / "d.csv")}, "tasks": []}
+    assert error_of(tmp_path, data).startswith("tasks: at least one task is required")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_steps=0", "train.max_steps: must be a positive integer"),
+    ("train.lr=-1", "train.lr: must be > 0"),
+    ("model.dropout=1.5", "model.dropout: must be in [0, 1)"),
+    ("model.hidden=[]", "model.hidden: must be a non-empty list of positive widths"),
+    ("data.synthetic.input_dim=2", "data.synthetic.input_dim: must exceed num_tasks"),
+    ("data.synthetic.conflict=2", "data.synthetic.conflict: must be in [0, 1]"),
+    ("data.val_fraction=1", "data.val_fraction: must be in (0, 1)"),
+    ("train.task_lr.nosuch=0.1", "train.task_lr.nosuch: unknown name 'nosuch'"),
+    ("mtl.weights.t9=1", "mtl.weights.t9: unknown name 't9'"),
+    ("mtl.aggregator=upgrad", "mtl.aggregator: 'upgrad' is not available yet"),
+    ("train.resume=/does/not/exist", "train.resume: must be auto, none or an existing checkpoint directory"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: got 'fp8'; allowed: no, bf16, fp16"),
+])
+def test_value_errors(tmp_path, override, fragment):
+    assert error_of(tmp_path, TINY, override).startswith(fragment)
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path, [], world_size=1)
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'seed'"):
+        load_config(path, [], world_size=1)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        apply_override({}, "train.lr")
+    with pytest.raises(ConfigError, match="no item named 'zz'"):
+        apply_override({"tasks": [{"name": "a"}]}, "tasks.zz.weight=1")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from dist_mtl.config import dump_yaml
+
+    cfg = load(tmp_path, TINY, "train.lr=0.05")
+    again = load(tmp_path, yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg
