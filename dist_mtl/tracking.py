@@ -7,7 +7,6 @@ ranks hold a Tracker too, but it does nothing, so no rank ever does W&B work but
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -19,7 +18,12 @@ from .distributed import env_is_main
 
 
 def wandb_available() -> bool:
-    return importlib.util.find_spec("wandb") is not None
+    """Whether wandb imports (a broken install counts as missing)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def wandb_run_id(output_dir: str) -> str:

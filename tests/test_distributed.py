@@ -1,0 +1,144 @@
+"""Real multi-process runs (gloo on CPU) under accelerate launch and torchrun.
+
+Every test asserts the world size it expects: on a machine with no GPU a misconfigured launch gives
+N independent world-size-1 processes, and an equivalence test would then pass vacuously.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, child_env, free_port, launch, write_config
+from dist_mtl.config import load_config
+from dist_mtl.data import GlobalBatchSampler, prepare
+from dist_mtl.models import build_model
+from dist_mtl.tasks import Task
+from wandb_reader import find_run_files, read_history
+
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5
+
+
+def max_relative_difference(a_path, b_path) -> float:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def assert_ranks_identical(run, world_size: int) -> None:
+    info = run.json("run.json")
+    assert info["world_size"] == world_size
+    assert len(info["param_digests"]) == world_size and len(set(info["param_digests"])) == 1
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    """The same tiny config on 1 process, 2 processes, and 2 processes with grad_accum=2."""
+    tmp = tmp_path_factory.mktemp("oracle")
+    config = write_config(tmp / "tiny.yaml", TINY)
+    common = ["log.every=1"]
+    return {
+        "1": launch(config, tmp / "p1", common).check(),
+        "1ga2": launch(config, tmp / "p1ga2", common + ["train.grad_accum=2"]).check(),
+        "2": launch(config, tmp / "p2", common, nproc=2, launcher="accelerate").check(),
+        "2ga2": launch(config, tmp / "p2ga2", common + ["train.grad_accum=2"], nproc=2, launcher="torchrun").check(),
+    }
+
+
+@pytest.mark.parametrize("name, world", [("1ga2", 1), ("2", 2), ("2ga2", 2)])
+def test_n_processes_give_the_parameters_of_one(oracle, name, world):
+    run = oracle[name]
+    assert_ranks_identical(run, world)
+    diff = max_relative_difference(run.output_dir / "final/model.safetensors",
+                                   oracle["1"].output_dir / "final/model.safetensors")
+    assert diff <= RTOL, f"{name}: relative difference {diff:.2e}"
+
+
+def test_training_moved_the_parameters(oracle, tmp_path):
+    """Guard against a vacuous oracle: 20 steps change the weights far beyond the tolerance."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    short = launch(config, tmp_path / "short", ["train.max_steps=1"]).check()
+    diff = max_relative_difference(short.output_dir / "final/model.safetensors",
+                                   oracle["1"].output_dir / "final/model.safetensors")
+    assert diff > 1000 * RTOL
+
+
+def test_logged_losses_are_global_batch_means(oracle, tmp_path):
+    """Step 1's logged loss is the initial model's loss on global batch 0, computed here directly."""
+    cfg = load_config(write_config(tmp_path / "tiny.yaml", TINY), [], world_size=1)
+    data = prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
+    x, targets = data.train.batch(GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed).global_batch(0))
+    with torch.no_grad():
+        outputs = model(x)
+    expected = {t.name: t.loss(outputs[t.name], targets[t.name]).item() for t in data.tasks}
+    for name in ("1", "2", "2ga2"):
+        first = oracle[name].metrics()[0]
+        assert first["step"] == 1
+        for task, value in expected.items():
+            assert first[f"loss/{task}"] == pytest.approx(value, rel=1e-6), (name, task)
+
+
+def test_eval_counts_every_validation_sample_once(oracle, tmp_path):
+    """101 validation rows split over 2 ranks (51 + 50): the reduced metrics equal a direct
+    single-process evaluation of the saved model."""
+    run = oracle["2"]
+    cfg = load_config(write_config(tmp_path / "tiny.yaml", TINY), [], world_size=1)
+    data = prepare(cfg)
+    assert len(data.val) == 101
+    model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
+    model.load_state_dict(load_file(str(run.output_dir / "final/model.safetensors")))
+    with torch.no_grad():
+        outputs = model(data.val.x)
+    reported = run.json("final/eval.json")["metrics"]
+    for task in data.tasks:
+        sums = {k: v.item() for k, v in task.metric_sums(outputs[task.name], data.val.targets[task.name]).items()}
+        for metric, value in Task.metrics_from_sums(sums, len(data.val)).items():
+            assert reported[f"eval/{task.name}/{metric}"] == pytest.approx(value, rel=1e-6)
+
+
+def test_naive_accelerator_runs_alone_and_the_guard_refuses(tmp_path):
+    """The trap itself, with real processes: Accelerator() without cpu=True on a machine with no GPU
+    leaves each torchrun process with world size 1. check_world() must refuse that."""
+    if torch.cuda.is_available():
+        pytest.skip("the trap only exists on machines without a GPU")
+    script = tmp_path / "naive.py"
+    script.write_text(
+        "from accelerate import Accelerator\n"
+        "from dist_mtl.distributed import LaunchError, check_world\n"
+        "naive = Accelerator()\n"
+        "print('naive world size', naive.num_processes, flush=True)\n"
+        "try:\n    check_world(naive.num_processes)\nexcept LaunchError as e:\n"
+        "    print('REFUSED:', e, flush=True)\n    raise SystemExit(2)\n")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("naive world size 1") == 2
+    assert proc.stdout.count("REFUSED: WORLD_SIZE is 2 but the process group has 1 process(es)") == 2
+    assert proc.returncode != 0
+
+
+def test_diamonds_on_two_processes_with_wandb(tmp_path):
+    """The README's distributed command: one metrics.jsonl, one W&B run, global-mean losses."""
+    run = launch(REPO / "configs" / "diamonds.yaml", tmp_path / "d2",
+                 ["train.max_steps=50", "log.every=10", "train.eval_every=0", "train.checkpoint_every=0"],
+                 nproc=2, launcher="accelerate").check()
+    assert_ranks_identical(run, 2)
+    files = find_run_files(run.output_dir)
+    assert len(files) == 1, files
+    logged = {row["_step"]: row for row in read_history(files[0]) if "loss/price" in row}
+    lines = [m for m in run.metrics() if "loss/price" in m]
+    assert [m["step"] for m in lines] == [10, 20, 30, 40, 50] == sorted(logged)
+    for line in lines:
+        for task in ("price", "cut", "color", "clarity"):
+            assert logged[line["step"]][f"loss/{task}"] == pytest.approx(line[f"loss/{task}"], rel=1e-12)
+    final = run.json("final/eval.json")
+    assert final["metrics"]["eval/price/mse"] < final["baselines"]["price"]["mse"]

@@ -1,0 +1,143 @@
+"""End-to-end single-process runs of the real CLI: outputs, determinism, crash and resume, W&B."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY, launch, write_config
+from wandb_reader import find_run_files, read_config, read_history, read_run_id
+
+pytestmark = pytest.mark.slow
+
+
+def weights_equal(a, b) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    config = write_config(tmp / "tiny.yaml", TINY)
+    return launch(config, tmp / "out", ["train.checkpoint_every=5"]).check()
+
+
+def test_outputs_of_a_run(tiny_run):
+    out = tiny_run.output_dir
+    run = tiny_run.json("run.json")
+    assert run["world_size"] == 1 and run["num_machines"] == 1
+    assert set(run["versions"]) >= {"dist_mtl", "torch", "accelerate"} and "git_commit" in run
+    assert len(run["param_digests"]) == 1
+    assert "max_steps: 20" in (out / "config.yaml").read_text()
+    lines = tiny_run.metrics()
+    train_lines = [m for m in lines if "loss/t0" in m]
+    eval_lines = [m for m in lines if "eval/t0/mse" in m]
+    assert [m["step"] for m in train_lines] == [5, 10, 15, 20]
+    assert [m["step"] for m in eval_lines] == [10, 20]
+    for m in train_lines:
+        assert {f"weight/t{i}" for i in range(3)} <= set(m) and m["weight/t0"] == 1.0
+        assert abs(m["train/loss"] - sum(m[f"loss/t{i}"] for i in range(3))) < 1e-9
+    assert sorted(load_file(str(out / "final" / "model.safetensors"))) == sorted(
+        ["encoder.net.0.weight", "encoder.net.0.bias", "encoder.net.2.weight", "encoder.net.2.bias"]
+        + [f"heads.t{i}.0.{p}" for i in range(3) for p in ("weight", "bias")])
+    final_eval = tiny_run.json("final/eval.json")
+    assert final_eval["metrics"] == {k: v for k, v in eval_lines[-1].items() if k != "step"}
+    assert final_eval["metrics"]["eval/t0/mse"] < final_eval["baselines"]["t0"]["mse"]  # it learned something
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_15", "step_20"]  # keep 2
+    assert not (out / "wandb").exists()  # log.wandb=disabled writes no W&B files
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_run):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    again = launch(config, tmp_path / "again", ["train.checkpoint_every=5"]).check()
+    assert weights_equal(again.output_dir / "final/model.safetensors", tiny_run.output_dir / "final/model.safetensors")
+    other = launch(config, tmp_path / "other", ["seed=4"]).check()
+    assert not weights_equal(other.output_dir / "final/model.safetensors", tiny_run.output_dir / "final/model.safetensors")
+
+
+def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, tiny_run):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "killed"
+    killed = launch(config, out, ["train.checkpoint_every=5"], env={"DIST_MTL_FAULT": "kill@12"})
+    assert killed.returncode == -9  # a real SIGKILL, after step 12 and the checkpoint of step 10
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_10", "step_5"]
+    assert max(m["step"] for m in killed.metrics()) == 10  # steps are logged every 5
+
+    resumed = launch(config, out, ["train.checkpoint_every=5"]).check()
+    assert resumed.json("run.json")["start_step"] == 10 and resumed.json("run.json")["resumed_from"].endswith("step_10")
+    assert weights_equal(out / "final/model.safetensors", tiny_run.output_dir / "final/model.safetensors")
+    steps = [(m["step"], "eval/t0/mse" in m) for m in resumed.metrics()]
+    assert len(steps) == len(set(steps)), "a step was logged twice after resuming"
+    # the resumed log is the uninterrupted log, value for value (timings aside)
+    reference = [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in tiny_run.metrics()]
+    assert [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in resumed.metrics()] == reference
+
+
+def test_incomplete_checkpoint_is_never_picked(tmp_path, tiny_run):
+    """A save interrupted before its rename leaves only a .partial directory, which resume skips."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "partial"
+    launch(config, out, ["train.checkpoint_every=5"], env={"DIST_MTL_FAULT": "kill@12"})
+    (out / "checkpoints" / ".partial-step_15").mkdir()
+    (out / "checkpoints" / ".partial-step_15" / "model.safetensors").write_bytes(b"garbage")
+    (out / "checkpoints" / "step_99").mkdir()  # no trainer_state.json: not complete
+    resumed = launch(config, out, ["train.checkpoint_every=5"]).check()
+    assert resumed.json("run.json")["start_step"] == 10
+    assert weights_equal(out / "final/model.safetensors", tiny_run.output_dir / "final/model.safetensors")
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_resume_none_starts_over(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    first = launch(config, out).check()
+    before = (out / "final/model.safetensors").read_bytes()
+    again = launch(config, out).check()
+    assert again.json("run.json")["start_step"] == 20 and (out / "final/model.safetensors").read_bytes() == before
+    assert first.metrics() == again.metrics()
+    fresh = launch(config, out, ["train.resume=none", "train.max_steps=5"]).check()
+    assert [m["step"] for m in fresh.metrics()] == [5, 5]  # the old log was replaced, not appended to
+
+
+def test_bf16_autocast_trains(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    run = launch(config, tmp_path / "out", ["train.mixed_precision=bf16"]).check()
+    final = run.json("final/eval.json")
+    assert final["metrics"]["eval/t0/mse"] < final["baselines"]["t0"]["mse"]
+
+
+def test_wandb_offline_run_matches_metrics_jsonl(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    run = launch(config, tmp_path / "out", ["log.wandb=offline", "log.run_name=tiny-test"]).check()
+    files = find_run_files(run.output_dir / "wandb")
+    assert len(files) == 1
+    history = read_history(files[0])
+    train_lines = [m for m in run.metrics() if "loss/t0" in m]
+    by_step = {}
+    for row in history:
+        by_step.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    for line in train_lines:
+        logged = by_step[line["step"]]
+        for key, value in line.items():
+            if key != "step":
+                assert logged[key] == pytest.approx(value, rel=1e-12), key
+    assert by_step[20]["eval/t1/mse"] == pytest.approx(run.metrics()[-1]["eval/t1/mse"], rel=1e-12)
+    assert read_config(files[0])["train"]["max_steps"] == 20
+    assert read_run_id(files[0]).startswith("dm-")
+
+
+def test_without_wandb_installed_training_still_works_and_says_so_once(tmp_path):
+    shim = tmp_path / "shim" / "wandb"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('wandb is not installed (test shim)')\n")
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    import os
+
+    run = launch(config, tmp_path / "out", ["log.wandb=offline"],
+                 env={"PYTHONPATH": f"{tmp_path / 'shim'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}).check()
+    assert run.stderr.count("W&B logging is off") == 1
+    assert (run.output_dir / "final/model.safetensors").exists() and not (run.output_dir / "wandb").exists()
+    assert "wandb: disabled" in (run.output_dir / "config.yaml").read_text()
+    assert json.loads((run.output_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 5
