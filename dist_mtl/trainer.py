@@ -86,7 +86,8 @@ def train(cfg: Config) -> TrainResult:
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             record = _train_record(cfg, dist, losses, weighting, sampler, done, time.perf_counter() - tic)
             tracker.log(record)
-            progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
+            progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
+                                 refresh=False)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
             final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)
             tracker.log({"step": done, **final_eval})
