@@ -51,15 +51,26 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume_path(resume: str, output_dir: str) -> Path | None:
-    """The checkpoint to resume from: the newest complete one for ``auto``, none for ``none``."""
-    if resume == "none":
-        return None
+    """The checkpoint to resume from: the newest complete one for ``auto``, none for ``none``.
+
+    Refuses (exit 2) when ``output_dir`` holds complete checkpoints *newer* than the starting
+    point: they belong to another history, and a later ``resume=auto`` would silently pick them.
+    Nothing is deleted for the user.
+    """
+    existing = complete_checkpoints(Path(output_dir) / "checkpoints")
     if resume == "auto":
-        found = complete_checkpoints(Path(output_dir) / "checkpoints")
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError("train.resume", f"{resume} is not a complete checkpoint (no {STATE_FILE})")
+        return existing[-1][1] if existing else None
+    path, start = None, 0
+    if resume != "none":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError("train.resume", f"{resume} is not a complete checkpoint (no {STATE_FILE})")
+        start = json.loads((path / STATE_FILE).read_text())["step"]
+    newer = [p for step, p in existing if step > start and p.resolve() != (path.resolve() if path else None)]
+    if newer:
+        raise ConfigError("train.resume", f"{resume!r} would start at step {start}, but {output_dir} already holds "
+                          f"checkpoints up to {newer[-1].name} from an earlier run; use train.resume=auto, "
+                          "a new output_dir, or delete those checkpoints")
     return path
 
 

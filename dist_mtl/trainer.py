@@ -42,6 +42,8 @@ def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` on however many processes were launched; every rank calls this."""
     run_dir = Path(cfg.output_dir).resolve()
     _check_output_dir(run_dir)
+    # Before the process group: a refusal here is a clean exit 2 on every rank.
+    resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
     dist = Distributed.create(cfg.train.mixed_precision, Tracker.wandb_log_with(cfg), str(run_dir))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -62,7 +64,6 @@ def train(cfg: Config) -> TrainResult:
     engine: BackwardEngine = BACKWARDS[cfg.mtl.backward](dist, model, data.tasks, weighting)
 
     # Resume: the sampler needs no state (its position is a function of the step).
-    resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
     start = 0
     if resume_path is not None:
         state = checkpoint.load(dist, resume_path, model, optimizer)

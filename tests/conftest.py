@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py
+# The checkout these tests live in (not whichever copy is pip-installed), and tests/wandb_reader.py.
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 # A tiny, fast, deterministic synthetic run. Batch 24 divides by 1, 2, 4 and by 2*2.
 TINY = {

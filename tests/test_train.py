@@ -89,16 +89,30 @@ def test_incomplete_checkpoint_is_never_picked(tmp_path, tiny_run):
     assert weights_equal(out / "final/model.safetensors", tiny_run.output_dir / "final/model.safetensors")
 
 
-def test_rerunning_a_finished_run_trains_nothing_and_resume_none_starts_over(tmp_path):
+def test_rerunning_a_finished_run_trains_nothing_and_resume_none_refuses_to_mix_histories(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
-    first = launch(config, out).check()
-    before = (out / "final/model.safetensors").read_bytes()
-    again = launch(config, out).check()
-    assert again.json("run.json")["start_step"] == 20 and (out / "final/model.safetensors").read_bytes() == before
+    first = launch(config, out, ["train.checkpoint_every=5"]).check()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    again = launch(config, out, ["train.checkpoint_every=5"]).check()
+    assert again.json("run.json")["start_step"] == 20 and (out / "final/model.safetensors").read_bytes() == \
+        before[out / "final/model.safetensors"]
     assert first.metrics() == again.metrics()
-    fresh = launch(config, out, ["train.resume=none", "train.max_steps=5"]).check()
-    assert [m["step"] for m in fresh.metrics()] == [5, 5]  # the old log was replaced, not appended to
+    # Starting over in a directory with checkpoints would leave step_20 for a later resume=auto to
+    # pick up by mistake: refuse, and touch nothing.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    refused = launch(config, out, ["train.resume=none", "train.max_steps=5"])
+    assert refused.returncode == 2 and "train.resume: 'none' would start at step 0" in refused.stderr
+    assert "step_20" in refused.stderr and "Traceback" not in refused.stderr
+    refused = launch(config, out, [f"train.resume={out / 'checkpoints' / 'step_15'}"])
+    assert refused.returncode == 2 and "would start at step 15" in refused.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    assert after == before
+    fresh = launch(config, tmp_path / "killed-early", ["train.max_steps=5"], env={"DIST_MTL_FAULT": "kill@3"})
+    assert fresh.returncode == -9
+    (fresh.output_dir / "metrics.jsonl").write_text('{"step": 99}\n')  # a log without any checkpoint
+    fresh = launch(config, fresh.output_dir, ["train.max_steps=5"]).check()
+    assert [m["step"] for m in fresh.metrics()] == [5, 5]  # started over: the stale line is gone
 
 
 def test_bf16_autocast_trains(tmp_path):
