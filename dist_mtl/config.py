@@ -114,6 +114,24 @@ class ModelConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One training phase of ``mtl.schedule``. Phases run in order; steps after the last phase's
+    ``until_step`` use the top-level ``mtl`` settings."""
+
+    until_step: int | None = None
+    """The phase ends before this optimizer step (0-based count of completed steps); omit it on the
+    last phase to run to the end."""
+    backward: str | None = None
+    """Backward engine during the phase. Default: ``mtl.backward``."""
+    tasks: list[str] | None = None
+    """Tasks trained during the phase (the others are still evaluated and logged). Default: all."""
+    until_loss: dict[str, float] | None = None
+    """Not supported yet: threshold switches come with the weighting and schedules issue."""
+    weighting: str | None = None
+    """Not supported yet: per-phase weighting comes with the weighting and schedules issue."""
+
+
+@dataclass
 class MTLConfig:
     """How per-task losses become one update."""
 
@@ -124,11 +142,14 @@ class MTLConfig:
     weights: dict[str, float] = field(default_factory=dict)
     """Per-task static weights for ``weighting: static``; they override ``tasks[].weight``."""
     aggregator: str = "none"
-    """Gradient-level aggregator (needs ``backward: jacobian``)."""
+    """Gradient-level aggregator for ``backward: jacobian`` (required there, refused elsewhere)."""
+    aggregator_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the aggregator's constructor."""
     jacobian_sync: Literal["global", "local"] = "global"
     """Jacobian mode: all-reduce per-task gradients before aggregating (exact), or aggregate per rank."""
-    schedule: list[dict[str, Any]] = field(default_factory=list)
-    """Training phases. Not supported yet (it comes with the schedules issue)."""
+    schedule: list[PhaseConfig] = field(default_factory=list)
+    """Training phases, e.g. ``[{until_step: 200, backward: sum}, {backward: per_task}]``. The phase
+    is a function of the step only, so every rank switches at the same step."""
 
 
 @dataclass
@@ -201,6 +222,9 @@ class LogConfig:
     """W&B run name. Default: the output directory's name."""
     progress: bool = True
     """Show a progress bar on the main process."""
+    comm_bytes: bool = False
+    """Log ``perf/comm_bytes``: gradient bytes all-reduced in each logged optimizer step (adds a
+    counting hook to DDP's all-reduce; a debugging and benchmarking aid)."""
 
 
 @dataclass
@@ -463,6 +487,7 @@ def _check_name(name: str, registry: dict, key: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Fills in defaults that depend on other fields (synthetic tasks)."""
     # Registries are imported here so that config.py stays importable on its own.
+    from .aggregation import AGGREGATORS
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODERS
     from .tasks import LOSSES
@@ -502,12 +527,38 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     mtl = cfg.mtl
     _check_name(mtl.backward, BACKWARDS, "mtl.backward")
     _check_name(mtl.weighting, WEIGHTINGS, "mtl.weighting")
-    _require(mtl.aggregator == "none", "mtl.aggregator",
-             f"{mtl.aggregator!r} is not available yet; allowed: none (gradient aggregators need backward: jacobian)")
     for name, w in mtl.weights.items():
         _check_name(name, {t: None for t in seen}, f"mtl.weights.{name}")
         _require(w >= 0, f"mtl.weights.{name}", f"must be >= 0, got {w}")
-    _require(not mtl.schedule, "mtl.schedule", "training phases are not supported yet; remove mtl.schedule")
+    modes = {mtl.backward}
+    previous = 0
+    for i, phase in enumerate(mtl.schedule):
+        key = f"mtl.schedule[{i}]"
+        _require(phase.until_loss is None, f"{key}.until_loss",
+                 "threshold switches are not supported yet; use until_step")
+        _require(phase.weighting is None, f"{key}.weighting", "per-phase weighting is not supported yet")
+        if phase.until_step is None:
+            _require(i == len(mtl.schedule) - 1, f"{key}.until_step", "only the last phase may omit until_step")
+        else:
+            _require(phase.until_step > previous, f"{key}.until_step",
+                     f"must be greater than the previous phase's end ({previous}), got {phase.until_step}")
+            previous = phase.until_step
+        if phase.backward is not None:
+            _check_name(phase.backward, BACKWARDS, f"{key}.backward")
+            modes.add(phase.backward)
+        if phase.tasks is not None:
+            _require(bool(phase.tasks), f"{key}.tasks", "must name at least one task (omit it for all tasks)")
+            _require(len(set(phase.tasks)) == len(phase.tasks), f"{key}.tasks", f"lists a task twice: {phase.tasks}")
+            for name in phase.tasks:
+                _check_name(name, {t: None for t in seen}, f"{key}.tasks")
+    if "jacobian" in modes:
+        _require(mtl.aggregator != "none", "mtl.aggregator",
+                 f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
+        _check_name(mtl.aggregator, AGGREGATORS, "mtl.aggregator")
+    else:
+        _require(mtl.aggregator == "none", "mtl.aggregator",
+                 f"{mtl.aggregator!r} combines per-task gradients and needs mtl.backward: jacobian "
+                 f"(or a schedule phase using it); got backward {mtl.backward!r}")
 
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):

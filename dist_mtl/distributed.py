@@ -55,6 +55,8 @@ class Distributed:
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
+        self.grad_bytes = 0
+        """Bytes of gradients all-reduced so far (manual reductions, plus DDP's once counted)."""
         check_world(accelerator.num_processes)
 
     @classmethod
@@ -112,6 +114,37 @@ class Distributed:
         if self.distributed:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
+
+    def all_reduce_grads_(self, tensors: list[Tensor]) -> None:
+        """Average ``tensors`` over ranks in place with ONE collective on a flat buffer.
+
+        Every rank must pass the same shapes in the same order. The bytes are counted in
+        ``grad_bytes``, so tests and benchmarks can check that an engine's traffic is minimal.
+        """
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.grad_bytes += flat.numel() * flat.element_size()
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def count_ddp_traffic(self, ddp_model: nn.Module) -> None:
+        """Count DDP's own gradient all-reduces in ``grad_bytes`` (a comm hook doing what DDP's
+        default does: average each bucket over ranks)."""
+        if not self.distributed or not hasattr(ddp_model, "register_comm_hook"):
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_allreduce(state: "Distributed", bucket):
+            buffer = bucket.buffer()
+            state.grad_bytes += buffer.numel() * buffer.element_size()
+            return allreduce_hook(None, bucket)
+
+        ddp_model.register_comm_hook(self, counting_allreduce)
 
     def mean(self, tensor: Tensor) -> Tensor:
         """Mean over ranks of a tensor that every rank holds (a new tensor)."""

@@ -20,11 +20,13 @@ from . import __version__, checkpoint, faults
 from .config import Config, TrainConfig, dump_yaml
 from .data import GlobalBatchSampler, PreparedData, TensorData, eval_shard, prepare
 from .distributed import Distributed
+from .aggregation import build_aggregator
 from .engine import BACKWARDS, BackwardEngine
 from .errors import ConfigError
 from .models import MultiTaskModel, build_model
 from .tasks import Task
 from .tracking import Tracker
+from .schedule import Phase, Schedule
 from .weighting import Weighting, build_weighting
 
 
@@ -60,8 +62,14 @@ def train(cfg: Config) -> TrainResult:
     # num_processes times, making the schedule depend on the world size.
     scheduler = build_scheduler(cfg.train, optimizer)
     model, optimizer = dist.accelerator.prepare(model, optimizer)
+    if cfg.log.comm_bytes:
+        dist.count_ddp_traffic(model)
     weighting = build_weighting(cfg)
-    engine: BackwardEngine = BACKWARDS[cfg.mtl.backward](dist, model, data.tasks, weighting)
+    schedule = Schedule(cfg)
+    aggregate = build_aggregator(cfg.mtl.aggregator, cfg.mtl.aggregator_args) if cfg.mtl.aggregator != "none" else None
+    engines: dict[str, BackwardEngine] = {
+        name: BACKWARDS[name](dist, model, data.tasks, weighting, aggregate, cfg.mtl.jacobian_sync)
+        for name in schedule.backwards}
 
     # Resume: the sampler needs no state (its position is a function of the step).
     start = 0
@@ -79,13 +87,23 @@ def train(cfg: Config) -> TrainResult:
 
     progress = _progress_bar(cfg, dist, start)
     final_eval: dict[str, float] = {}
+    phase = schedule.at(start)
     for step in range(start, cfg.train.max_steps):
-        tic = time.perf_counter()
-        losses = train_step(cfg, dist, engine, model, optimizer, scheduler, data.train, sampler, step)
+        if schedule.at(step) != phase:  # a function of the step: every rank switches here together
+            phase = schedule.at(step)
+            if dist.is_main:
+                progress.write(f"step {step}: phase {phase.index} (backward={phase.backward}, tasks={list(phase.tasks)})")
+        tic, bytes_before = time.perf_counter(), dist.grad_bytes
+        losses = train_step(cfg, dist, engines[phase.backward], list(phase.tasks), model, optimizer, scheduler,
+                            data.train, sampler, step)
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            record = _train_record(cfg, dist, losses, weighting, sampler, done, time.perf_counter() - tic)
+            record = _train_record(cfg, dist, losses, weighting, phase, sampler, done, time.perf_counter() - tic)
+            if schedule.phases:
+                record["phase"] = phase.index
+            if cfg.log.comm_bytes:
+                record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
             tracker.log(record)
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                  refresh=False)
@@ -112,23 +130,29 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
 
 
-def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, model: nn.Module, optimizer,
-               scheduler, train_data: TensorData, sampler: GlobalBatchSampler, step: int) -> dict[str, Tensor]:
-    """One optimizer step: this rank's share of global batch ``step``, through the backward engine.
-    Returns each task's loss on this rank (mean over its micro-batches)."""
+def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: list[str], model: nn.Module,
+               optimizer, scheduler, train_data: TensorData, sampler: GlobalBatchSampler, step: int) -> dict[str, Tensor]:
+    """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
+    training the ``active`` tasks. Returns each task's loss on this rank (mean over its micro-batches)."""
     micro_batches = []
     for indices in sampler.local_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum):
         x, targets = train_data.batch(indices)
         micro_batches.append((x.to(dist.device), {k: v.to(dist.device) for k, v in targets.items()}))
 
-    def update() -> None:
+    def update(task: str | None = None) -> None:
+        # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.
+        encoder = optimizer.param_groups[0]
+        scheduled_lr = encoder["lr"]
+        if task is not None and task in cfg.train.task_lr:
+            encoder["lr"] = scheduled_lr * cfg.train.task_lr[task] / cfg.train.lr
         if cfg.train.grad_clip > 0:
             dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        encoder["lr"] = scheduled_lr
 
     model.train()
-    losses = engine.run(step, micro_batches, update)
+    losses = engine.run(step, micro_batches, update, active)
     scheduler.step()
     return losses
 
@@ -189,13 +213,14 @@ def build_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t, step))
 
 
-def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting,
+def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, phase: Phase,
                   sampler: GlobalBatchSampler, done: int, step_time: float) -> dict:
     """The global view of a step: per-task losses averaged over ranks (each rank's value is already
-    the mean over its micro-steps, and all pieces are the same size)."""
+    the mean over its micro-steps, and all pieces are the same size). Tasks outside the current
+    phase are logged with weight 0."""
     names = list(losses)
     global_losses = dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()
-    weights = weighting.weights(done - 1)
+    weights = {n: (w if n in phase.tasks else 0.0) for n, w in weighting.weights(done - 1).items()}
     record = {"step": done, "epoch": sampler.epoch(done), "samples": done * cfg.train.batch_size}
     record.update({f"loss/{n}": v for n, v in zip(names, global_losses)})
     record.update({f"weight/{n}": float(weights[n]) for n in names})

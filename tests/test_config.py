@@ -145,7 +145,7 @@ def test_empty_task_list_with_a_file_source(tmp_path):
     ("data.val_fraction=1", "data.val_fraction: must be in (0, 1)"),
     ("train.task_lr.nosuch=0.1", "train.task_lr.nosuch: unknown name 'nosuch'"),
     ("mtl.weights.t9=1", "mtl.weights.t9: unknown name 't9'"),
-    ("mtl.aggregator=upgrad", "mtl.aggregator: 'upgrad' is not available yet"),
+    ("mtl.aggregator=mean", "mtl.aggregator: 'mean' combines per-task gradients and needs mtl.backward: jacobian"),
     ("train.resume=/does/not/exist", "train.resume: must be auto, none or an existing checkpoint directory"),
     ("train.mixed_precision=fp8", "train.mixed_precision: got 'fp8'; allowed: no, bf16, fp16"),
 ])
@@ -180,3 +180,36 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load(tmp_path, TINY, "train.lr=0.05")
     again = load(tmp_path, yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg
+
+
+def test_jacobian_needs_a_known_aggregator(tmp_path):
+    assert error_of(tmp_path, TINY, "mtl.backward=jacobian").startswith(
+        "mtl.aggregator: backward 'jacobian' needs an aggregator; allowed: mean, sum")
+    assert error_of(tmp_path, TINY, "mtl.backward=jacobian", "mtl.aggregator=upgrd").startswith(
+        "mtl.aggregator: unknown name 'upgrd'")
+    assert load(tmp_path, TINY, "mtl.backward=jacobian", "mtl.aggregator=mean").mtl.jacobian_sync == "global"
+
+
+@pytest.mark.parametrize("schedule, fragment", [
+    ([{"until_step": 5}, {"until_step": 5}], "mtl.schedule[1].until_step: must be greater than the previous phase's end (5)"),
+    ([{"backward": "sum"}, {"until_step": 9}], "mtl.schedule[0].until_step: only the last phase may omit until_step"),
+    ([{"until_step": 5, "backward": "per-task"}], "mtl.schedule[0].backward: unknown name 'per-task' (did you mean 'per_task'?)"),
+    ([{"until_step": 5, "tasks": ["t0", "t7"]}], "mtl.schedule[0].tasks: unknown name 't7'"),
+    ([{"until_step": 5, "tasks": []}], "mtl.schedule[0].tasks: must name at least one task"),
+    ([{"until_step": 5, "backward": "jacobian"}], "mtl.aggregator: backward 'jacobian' needs an aggregator"),
+    ([{"until_loss": {"t0": 0.1}}], "mtl.schedule[0].until_loss: threshold switches are not supported yet"),
+    ([{"until_step": 5, "bakward": "sum"}], "mtl.schedule[0].bakward: unknown key (did you mean 'mtl.schedule[0].backward'?)"),
+])
+def test_schedule_errors(tmp_path, schedule, fragment):
+    assert error_of(tmp_path, {**TINY, "mtl": {"schedule": schedule}}).startswith(fragment)
+
+
+def test_schedule_phases_are_a_function_of_the_step(tmp_path):
+    from dist_mtl.schedule import Schedule
+
+    cfg = load(tmp_path, {**TINY, "mtl": {"backward": "sum", "schedule": [
+        {"until_step": 3, "backward": "per_task", "tasks": ["t1"]}, {"until_step": 6, "backward": "alternate"}]}})
+    schedule = Schedule(cfg)
+    assert [schedule.at(s).backward for s in range(8)] == ["per_task"] * 3 + ["alternate"] * 3 + ["sum"] * 2
+    assert schedule.at(0).tasks == ("t1",) and schedule.at(4).tasks == ("t0", "t1", "t2")
+    assert schedule.backwards == {"sum", "per_task", "alternate"}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
+import torch
 from torch import Tensor, nn
 
 from ..distributed import Distributed
@@ -11,6 +13,9 @@ from ..tasks import Task
 from ..weighting import Weighting
 
 Batch = tuple[Tensor, dict[str, Tensor]]
+Update = Callable[..., None]
+"""Applies the current gradients: clip, optimizer step, zero grads. ``update(task=name)`` marks a
+per-task step (the ``alternate`` engine), so the trainer can apply that task's learning rate."""
 
 
 class BackwardEngine:
@@ -18,16 +23,49 @@ class BackwardEngine:
 
     Contract, for every engine: every rank issues the same collectives in the same order; the
     gradients equal those of the single-process computation on the global batch; ``update`` is
-    called when the gradients are ready (engines that step per task call it several times).
+    called when the gradients are ready (engines that step per task call it once per task).
     """
 
-    def __init__(self, dist: Distributed, model: nn.Module, tasks: list[Task], weighting: Weighting) -> None:
+    def __init__(self, dist: Distributed, model: nn.Module, tasks: list[Task], weighting: Weighting,
+                 aggregate: Callable[[Tensor], Tensor] | None = None, jacobian_sync: str = "global") -> None:
         self.dist, self.model, self.tasks, self.weighting = dist, model, tasks, weighting
+        self.module = dist.accelerator.unwrap_model(model)
+        self.aggregate, self.jacobian_sync = aggregate, jacobian_sync
+        self.by_name = {task.name: task for task in tasks}
 
-    def run(self, step: int, micro_batches: list[Batch], update: Callable[[], None]) -> dict[str, Tensor]:
-        """Back-propagate one optimizer step and call ``update``. Returns each task's mean loss on
-        this rank over its micro-batches (detached)."""
+    def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
+        """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns
+        each task's mean loss on this rank over its micro-batches (detached)."""
         raise NotImplementedError
 
+    # -- helpers shared by the engines -----------------------------------------------------------
     def task_losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {task.name: task.loss(outputs[task.name], targets[task.name]) for task in self.tasks}
+        return {name: self.by_name[name].loss(out, targets[name]) for name, out in outputs.items()}
+
+    def local(self) -> AbstractContextManager:
+        """Forward and backward without DDP's reducer: DDP decides in forward what to all-reduce, so
+        several backward passes on one forward either raise or silently stay local. The engines
+        that back-propagate more than once work locally and reduce once with ``reduce_grads``."""
+        return self.dist.accelerator.no_sync(self.model)
+
+    def trainable(self, active: list[str] | None = None) -> list[nn.Parameter]:
+        """Encoder parameters plus the heads of ``active`` tasks (all tasks if None), in a fixed order."""
+        names = self.by_name if active is None else active
+        params = list(self.module.encoder.parameters())
+        for name in names:
+            params.extend(self.module.heads[name].parameters())
+        return [p for p in params if p.requires_grad]
+
+    def reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """One coalesced all-reduce (mean over ranks) of these parameters' gradients. A parameter
+        that got no gradient on this step contributes zeros so every rank sends the same layout."""
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        self.dist.all_reduce_grads_(grads)
+
+    def backward(self, loss: Tensor, **kwargs) -> None:
+        """``loss.backward`` through Accelerate, which applies the fp16 loss scale when there is one."""
+        self.dist.accelerator.backward(loss, **kwargs)

@@ -22,10 +22,15 @@ class Weighting:
         """The weight of each task for optimizer step ``step``."""
         raise NotImplementedError
 
-    def combine(self, losses: dict[str, Tensor], step: int) -> Tensor:
-        """The scalar to back-propagate: ``sum_t w_t * L_t`` unless a method says otherwise."""
+    def terms(self, losses: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Each task's contribution to the objective: ``w_t * L_t`` unless a method says otherwise
+        (e.g. learned-variance terms). Engines that back-propagate tasks separately use these."""
         weights = self.weights(step)
-        return sum(weights[name] * loss for name, loss in losses.items())
+        return {name: weights[name] * loss for name, loss in losses.items()}
+
+    def combine(self, losses: dict[str, Tensor], step: int) -> Tensor:
+        """The scalar to back-propagate: the sum of ``terms``."""
+        return sum(self.terms(losses, step).values())
 
     def observe(self, step: int, global_losses: dict[str, float]) -> None:
         """Called after each optimizer step with the global mean loss of each task."""

@@ -1,0 +1,36 @@
+"""``alternate``: for each task in turn, a fresh forward, a backward and an optimizer step.
+
+This is the working form of "separate backward and separate step per task". The naive form,
+``l1.backward(retain_graph=True); opt.step(); l2.backward(); opt.step()``, cannot work: the first
+step modifies in place the parameters that the retained graph saved, and autograd refuses the second
+backward. Here every task step has its own forward on the updated parameters.
+
+Only the encoder and the current task's head receive gradients, so the other heads keep
+``grad=None`` and AdamW or momentum leave them untouched. Communication: one coalesced all-reduce
+per task step of (encoder + that head), T per optimizer step; it cannot be fewer, because each task
+step needs synchronised gradients before its update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Batch, BackwardEngine, Update
+
+
+class AlternateEngine(BackwardEngine):
+    def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
+        accum = len(micro_batches)
+        totals: dict[str, Tensor] = {}
+        for name in active:
+            total = torch.zeros((), device=self.dist.device)
+            with self.local():
+                for x, targets in micro_batches:
+                    loss = self.task_losses(self.model(x, tasks=[name]), targets)[name]
+                    self.backward(self.weighting.terms({name: loss}, step)[name] / accum)
+                    total += loss.detach() / accum
+            self.reduce_grads(self.trainable([name]))
+            update(task=name)
+            totals[name] = total  # the task's loss before its own update
+        return totals

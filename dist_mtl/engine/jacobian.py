@@ -1,0 +1,67 @@
+"""``jacobian``: per-task gradients of the shared parameters, combined by an aggregator.
+
+Per micro-step, each active task's gradient of the shared (encoder) parameters is computed with
+``autograd.grad`` and added to a T x P matrix J; the heads get their gradients from one backward of
+the summed objective restricted to head parameters. All of it runs locally. Then:
+
+- ``jacobian_sync: global``: J and the head gradients are averaged over ranks in ONE collective
+  (T x shared + heads bytes), and every rank aggregates the same global J: N processes give the
+  result of one process on the global batch, for any aggregator.
+- ``jacobian_sync: local``: each rank aggregates its own J, and the aggregated shared gradient and
+  the head gradients are averaged in one collective (shared + heads bytes, as ``sum``). Exact only
+  for linear aggregators (mean, sum); for the others it is a cheaper approximation.
+
+Accumulating J over micro-steps before aggregating makes ``grad_accum`` equivalent to one big batch.
+Under fp16 the per-task gradients come from the scaled loss: J is unscaled once after the
+reduction, and the aggregated gradient is handed back scaled so the optimizer's scaler unscales it
+and detects inf/nan (identically on every rank, since every rank holds the same reduced values).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Batch, BackwardEngine, Update
+
+
+class JacobianEngine(BackwardEngine):
+    def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
+        accum = len(micro_batches)
+        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
+        heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
+        jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
+        totals = {task.name: torch.zeros((), device=self.dist.device) for task in self.tasks}
+        scale = self._loss_scale()
+        with self.local():
+            for x, targets in micro_batches:
+                losses = self.task_losses(self.model(x), targets)
+                terms = self.weighting.terms({name: losses[name] for name in active}, step)
+                for i, name in enumerate(active):
+                    grads = torch.autograd.grad(terms[name] * (scale / accum), shared, retain_graph=True,
+                                                allow_unused=True)
+                    jacobian[i] += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                              for g, p in zip(grads, shared)])
+                torch.autograd.backward(sum(terms.values()) * (scale / accum), inputs=heads)
+                for name, loss in losses.items():
+                    totals[name] += loss.detach() / accum
+
+        head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
+        if self.jacobian_sync == "global":
+            self.dist.all_reduce_grads_([jacobian, *head_grads])
+            combined = self.aggregate(jacobian / scale) * scale
+        else:
+            combined = self.aggregate(jacobian / scale) * scale
+            self.dist.all_reduce_grads_([combined, *head_grads])
+        for p, g in zip(heads, head_grads):
+            p.grad = g
+        offset = 0
+        for p in shared:
+            p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        update()
+        return totals
+
+    def _loss_scale(self) -> float:
+        scaler = self.dist.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
