@@ -91,7 +91,8 @@ class TaskConfig:
     standardize: bool = True
     """Regression only: standardise the (transformed) target with training-split statistics."""
     data: DataConfig | None = None
-    """This task's own dataset. Not supported yet (it comes with the per-task backward engines)."""
+    """This task's own dataset (same number of input features as the others). Default: the
+    top-level ``data``. Each dataset costs one forward per step."""
 
 
 @dataclass
@@ -147,6 +148,14 @@ class MTLConfig:
     """Keyword arguments for the aggregator's constructor."""
     jacobian_sync: Literal["global", "local"] = "global"
     """Jacobian mode: all-reduce per-task gradients before aggregating (exact), or aggregate per rank."""
+    task_sampling: Literal["all", "sample"] = "all"
+    """``all``: every active task trains every step. ``sample``: ``tasks_per_step`` tasks per step,
+    drawn with probability proportional to (training rows of the task's dataset)^``sampling_alpha``;
+    the draw depends only on the seed and the step, so every rank draws the same tasks."""
+    tasks_per_step: int = 1
+    """Tasks drawn per step with ``task_sampling: sample``."""
+    sampling_alpha: float = 1.0
+    """Temperature of the size-proportional draw: 1 = proportional to size, 0 = uniform."""
     schedule: list[PhaseConfig] = field(default_factory=list)
     """Training phases, e.g. ``[{until_step: 200, backward: sum}, {backward: per_task}]``. The phase
     is a function of the step only, so every rank switches at the same step."""
@@ -513,8 +522,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(task.transform == "none" or task.kind == "regression", f"{key}.transform",
                  "a target transform applies to regression tasks only")
         _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
-        _require(task.data is None, f"{key}.data",
-                 "per-task datasets are not supported yet; give all tasks the top-level data block")
+        if task.data is not None:
+            _validate_data(task.data, f"{key}.data")
 
     m = cfg.model
     _check_name(m.encoder, ENCODERS, "model.encoder")
@@ -530,6 +539,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name, w in mtl.weights.items():
         _check_name(name, {t: None for t in seen}, f"mtl.weights.{name}")
         _require(w >= 0, f"mtl.weights.{name}", f"must be >= 0, got {w}")
+    _require(1 <= mtl.tasks_per_step <= len(cfg.tasks), "mtl.tasks_per_step",
+             f"must be between 1 and the number of tasks ({len(cfg.tasks)}), got {mtl.tasks_per_step}")
+    _require(mtl.sampling_alpha >= 0, "mtl.sampling_alpha", f"must be >= 0, got {mtl.sampling_alpha}")
     modes = {mtl.backward}
     previous = 0
     for i, phase in enumerate(mtl.schedule):

@@ -54,8 +54,8 @@ def task_directions(num_tasks: int, dim: int, conflict: float, rng: np.random.Ge
     return coords @ basis.T
 
 
-def load_source(d: DataConfig, seed: int):
-    """Load the configured source as one ``datasets.Dataset``."""
+def load_source(d: DataConfig, seed: int, key: str = "data"):
+    """Load the configured source as one ``datasets.Dataset`` (``key`` names the block in errors)."""
     import datasets
 
     if d.source == "synthetic":
@@ -65,9 +65,9 @@ def load_source(d: DataConfig, seed: int):
             return datasets.load_dataset(d.path, d.hub_config, split=d.split, revision=d.revision)
         return datasets.load_dataset(d.source, data_files=d.path, split="train")
     except FileNotFoundError as e:
-        raise DataError(f"data.path: not found: {d.path} ({_one_line(e)})") from None
+        raise DataError(f"{key}.path: not found: {d.path} ({_one_line(e)})") from None
     except Exception as e:  # datasets raises many types for unreadable files or unreachable hubs
-        raise DataError(f"data.path: cannot load {d.source} data from {d.path!r}: {_one_line(e)}") from None
+        raise DataError(f"{key}.path: cannot load {d.source} data from {d.path!r}: {_one_line(e)}") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -107,37 +107,78 @@ class PreparedData:
     """Validation metrics of trivial predictors (train mean, train majority class)."""
 
 
-def prepare(cfg: Config):
-    """Load, split, check, encode and standardise the data for ``cfg.tasks``."""
+@dataclass
+class MultiTaskData:
+    """All of a run's data: one group per dataset. Tasks that share a dataset share a group, and
+    each group is one forward per step; a task with its own ``data`` block is a group of its own."""
+
+    groups: list[PreparedData]
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [task for group in self.groups for task in group.tasks]
+
+    @property
+    def input_dim(self) -> int:
+        return self.groups[0].train.x.shape[1]
+
+    @property
+    def baselines(self) -> dict[str, dict[str, float]]:
+        return {name: value for group in self.groups for name, value in group.baselines.items()}
+
+    @property
+    def preprocessing(self) -> dict:
+        return {"groups": [{"tasks": [t.name for t in g.tasks], **g.preprocessing} for g in self.groups]}
+
+
+def prepare(cfg: Config) -> MultiTaskData:
+    """Load and prepare every dataset of ``cfg``: the top-level ``data`` for the tasks without a
+    ``data`` block of their own, and each task's own block. Group g is split and (for synthetic data)
+    generated with seed ``cfg.seed + g``; the top-level group is group 0."""
     import datasets
 
     datasets.disable_progress_bars()  # the trainer shows one progress bar; per-map bars are noise
-    ds = load_source(cfg.data, cfg.seed)
+    shared = [(i, t) for i, t in enumerate(cfg.tasks) if t.data is None]
+    own = [(i, t) for i, t in enumerate(cfg.tasks) if t.data is not None]
+    plans = ([(cfg.data, shared, "data")] if shared else []) + [(t.data, [(i, t)], f"tasks[{i}].data") for i, t in own]
+    groups = [prepare_group(d, tasks, cfg.seed + g, key) for g, (d, tasks, key) in enumerate(plans)]
+    for (_, _, key), group in zip(plans[1:], groups[1:]):
+        if group.train.x.shape[1] != groups[0].train.x.shape[1]:
+            raise DataError(f"{key}.features: {group.train.x.shape[1]} input columns, but the shared encoder takes "
+                            f"{groups[0].train.x.shape[1]} ({plans[0][2]}: {', '.join(groups[0].features)})")
+    return MultiTaskData(groups)
+
+
+def prepare_group(d: DataConfig, indexed_tasks: list[tuple[int, TaskConfig]], seed: int, key: str) -> PreparedData:
+    """Load, split, check, encode and standardise one dataset for its tasks (``key`` names its
+    config block in error messages)."""
+    task_cfgs = [t for _, t in indexed_tasks]
+    ds = load_source(d, seed, key)
     columns = list(ds.column_names)
-    targets = [t.target for t in cfg.tasks]
-    for i, task in enumerate(cfg.tasks):
+    targets = [t.target for t in task_cfgs]
+    for i, task in indexed_tasks:
         if task.target not in columns:
-            raise DataError(f"tasks[{i}].target: column {task.target!r} is not in {cfg.data.path or 'the data'}; "
+            raise DataError(f"tasks[{i}].target: column {task.target!r} is not in {d.path or 'the data'}; "
                             f"columns: {', '.join(columns)}")
-    features = _resolve_features(cfg.data, ds, targets)
+    features = _resolve_features(d, ds, targets, key)
     used = list(dict.fromkeys(features + targets))
     ds = ds.select_columns(used)
-    ds = _drop_or_reject_missing(ds, used, cfg.data)
+    ds = _drop_or_reject_missing(ds, used, d, key)
     if ds.num_rows < 2:
-        raise DataError(f"data: {ds.num_rows} usable rows; at least 2 are needed for a train/validation split")
+        raise DataError(f"{key}: {ds.num_rows} usable rows; at least 2 are needed for a train/validation split")
 
-    split = ds.train_test_split(test_size=cfg.data.val_fraction, seed=cfg.seed)
+    split = ds.train_test_split(test_size=d.val_fraction, seed=seed)
     train, val = split["train"], split["test"]
     if val.num_rows == 0 or train.num_rows == 0:
-        raise DataError(f"data.val_fraction: {cfg.data.val_fraction} leaves an empty split of {ds.num_rows} rows")
+        raise DataError(f"{key}.val_fraction: {d.val_fraction} leaves an empty split of {ds.num_rows} rows")
 
     tasks, encoders, prep = [], {}, {"features": features, "targets": {}}
-    for task_cfg in cfg.tasks:
+    for task_cfg in task_cfgs:
         task, encode, info = _task_encoding(task_cfg, ds, train)
         tasks.append(task)
         encoders[task_cfg.target] = encode
         prep["targets"][task.name] = info
-    mean, std = _feature_stats(train, features, cfg.data.standardize)
+    mean, std = _feature_stats(train, features, d.standardize)
     prep["feature_mean"], prep["feature_std"] = mean.tolist(), std.tolist()
 
     def transform(batch: dict) -> dict:
@@ -147,28 +188,30 @@ def prepare(cfg: Config):
             out[f"__y_{target}"] = encode(np.asarray(batch[target]))
         return out
 
-    train_t = _to_tensors(train.map(transform, batched=True, remove_columns=train.column_names), cfg.tasks, tasks)
-    val_t = _to_tensors(val.map(transform, batched=True, remove_columns=val.column_names), cfg.tasks, tasks)
+    train_t = _to_tensors(train.map(transform, batched=True, remove_columns=train.column_names), task_cfgs, tasks)
+    val_t = _to_tensors(val.map(transform, batched=True, remove_columns=val.column_names), task_cfgs, tasks)
     return PreparedData(train_t, val_t, tasks, features, prep, _baselines(train_t, val_t, tasks))
 
 
-def _resolve_features(d: DataConfig, ds, targets: list[str]) -> list[str]:
+def _resolve_features(d: DataConfig, ds, targets: list[str], key: str) -> list[str]:
     columns = list(ds.column_names)
     if d.features is not None:
         for name in d.features:
             if name not in columns:
-                raise DataError(f"data.features: column {name!r} is not in the data; columns: {', '.join(columns)}")
+                raise DataError(f"{key}.features: column {name!r} is not in the data; columns: {', '.join(columns)}")
             if not _is_numeric(ds.features[name]):
-                raise DataError(f"data.features: column {name!r} is not numeric ({ds.features[name]})")
+                raise DataError(f"{key}.features: column {name!r} is not numeric ({ds.features[name]})")
         overlap = sorted(set(d.features) & set(targets))
         if overlap:
-            raise DataError(f"data.features: {overlap[0]!r} is also a task target; a target cannot be an input")
+            raise DataError(f"{key}.features: {overlap[0]!r} is also a task target; a target cannot be an input")
         if not d.features:
-            raise DataError("data.features: the list is empty; name at least one input column")
+            raise DataError(f"{key}.features: the list is empty; name at least one input column")
         return list(d.features)
+    if d.source == "synthetic":  # the other targets t* are outputs of the generator, never inputs
+        return [f"x{j}" for j in range(d.synthetic.input_dim)]
     features = [c for c in columns if c not in targets and _is_numeric(ds.features[c])]
     if not features:
-        raise DataError("data.features: no numeric input columns remain after removing the targets; "
+        raise DataError(f"{key}.features: no numeric input columns remain after removing the targets; "
                         f"columns: {', '.join(columns)}")
     return features
 
@@ -178,7 +221,7 @@ def _is_numeric(feature) -> bool:
     return dtype.startswith(("int", "uint", "float")) or dtype == "bool"
 
 
-def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig):
+def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -188,8 +231,8 @@ def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig):
         if pa.types.is_floating(column.type):
             missing += pc.sum(pc.is_nan(column)).as_py() or 0
         if missing and not d.dropna:
-            raise DataError(f"data: column {name!r} has {missing} missing or NaN values; "
-                            "clean the data or set data.dropna=true to drop those rows")
+            raise DataError(f"{key}: column {name!r} has {missing} missing or NaN values; "
+                            f"clean the data or set {key}.dropna=true to drop those rows")
     if d.dropna:
         ds = ds.filter(lambda row: all(row[c] is not None and row[c] == row[c] for c in columns))
     return ds
@@ -326,3 +369,28 @@ def eval_shard(num_rows: int, rank: int, world: int) -> Tensor:
     """This rank's validation rows: a strided, disjoint share (no sample is counted twice)."""
     return torch.arange(rank, num_rows, world)
 
+
+
+class StepLoader:
+    """This rank's micro-batches for an optimizer step: for each micro-step, one piece per dataset
+    that carries an active task. Dataset g has its own sampler seeded with ``seed + 7919 g``, so
+    every dataset's global batch sequence is a function of the seed and ``batch_size`` only."""
+
+    def __init__(self, data: MultiTaskData, batch_size: int, seed: int) -> None:
+        self.groups = data.groups
+        self.samplers = [GlobalBatchSampler(len(g.train), batch_size, seed + 7919 * i) for i, g in enumerate(data.groups)]
+
+    def epoch(self, step: int) -> float:
+        """Epochs of the first dataset completed after ``step`` optimizer steps."""
+        return self.samplers[0].epoch(step)
+
+    def micro_batches(self, step: int, rank: int, world: int, accum: int, active: list[str],
+                      device: torch.device) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
+        batches: list[list] = [[] for _ in range(accum)]
+        for group, sampler in zip(self.groups, self.samplers):
+            if not any(task.name in active for task in group.tasks):
+                continue  # no active task reads this dataset at this step: no forward, no loading
+            for m, indices in enumerate(sampler.local_batches(step, rank, world, accum)):
+                x, targets = group.train.batch(indices)
+                batches[m].append((x.to(device), {k: v.to(device) for k, v in targets.items()}))
+        return batches

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .config import Config
 
 
@@ -36,3 +38,24 @@ class Schedule:
     @property
     def backwards(self) -> set[str]:
         return {self.default.backward, *(phase.backward for _, phase in self.phases)}
+
+
+class TaskSampler:
+    """Which of the phase's tasks train at a step (``mtl.task_sampling``).
+
+    ``sample`` draws ``tasks_per_step`` tasks without replacement, with probability proportional to
+    size^alpha, from a generator seeded by (seed, step) alone: identical on every rank and on any
+    number of processes, and reproducible on resume without any saved state.
+    """
+
+    def __init__(self, cfg: Config, sizes: dict[str, int]) -> None:
+        self.strategy, self.k, self.seed = cfg.mtl.task_sampling, cfg.mtl.tasks_per_step, cfg.seed
+        self.sizes, self.alpha = sizes, cfg.mtl.sampling_alpha
+
+    def active(self, step: int, phase_tasks: tuple[str, ...]) -> list[str]:
+        if self.strategy == "all" or self.k >= len(phase_tasks):
+            return list(phase_tasks)
+        weights = torch.tensor([float(self.sizes[name]) ** self.alpha for name in phase_tasks], dtype=torch.float64)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 7)
+        chosen = torch.multinomial(weights, self.k, replacement=False, generator=generator)
+        return [phase_tasks[i] for i in sorted(chosen.tolist())]  # config order: a fixed collective order

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, faults
 from .config import Config, TrainConfig, dump_yaml
-from .data import GlobalBatchSampler, PreparedData, TensorData, eval_shard, prepare
+from .data import MultiTaskData, StepLoader, eval_shard, prepare
 from .distributed import Distributed
 from .aggregation import build_aggregator
 from .engine import BACKWARDS, BackwardEngine
@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .models import MultiTaskModel, build_model
 from .tasks import Task
 from .tracking import Tracker
-from .schedule import Phase, Schedule
+from .schedule import Schedule, TaskSampler
 from .weighting import Weighting, build_weighting
 
 
@@ -52,11 +52,12 @@ def train(cfg: Config) -> TrainResult:
 
     # Data: built once on the main process (HF caches), then on the others from the cache.
     data = dist.main_first(lambda: prepare(cfg))
-    sampler = GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed)
+    loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
+    task_sampler = TaskSampler(cfg, {t.name: len(g.train) for g in data.groups for t in g.tasks})
 
     # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
+    model = build_model(cfg.model, data.input_dim, {t.name: t.out_dim for t in data.tasks})
     optimizer = build_optimizer(cfg.train, model)
     # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
     # num_processes times, making the schedule depend on the world size.
@@ -94,12 +95,12 @@ def train(cfg: Config) -> TrainResult:
             if dist.is_main:
                 progress.write(f"step {step}: phase {phase.index} (backward={phase.backward}, tasks={list(phase.tasks)})")
         tic, bytes_before = time.perf_counter(), dist.grad_bytes
-        losses = train_step(cfg, dist, engines[phase.backward], list(phase.tasks), model, optimizer, scheduler,
-                            data.train, sampler, step)
+        active = task_sampler.active(step, phase.tasks)
+        losses = train_step(cfg, dist, engines[phase.backward], active, model, optimizer, scheduler, loader, step)
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            record = _train_record(cfg, dist, losses, weighting, phase, sampler, done, time.perf_counter() - tic)
+            record = _train_record(cfg, dist, losses, weighting, active, loader, done, time.perf_counter() - tic)
             if schedule.phases:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
@@ -108,7 +109,7 @@ def train(cfg: Config) -> TrainResult:
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                  refresh=False)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
-            final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)
+            final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
             tracker.log({"step": done, **final_eval})
         if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
             dist.check_consistent(model, done)
@@ -120,7 +121,7 @@ def train(cfg: Config) -> TrainResult:
         faults.maybe_inject(done, dist.rank)
     progress.close()
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
-        final_eval = evaluate(dist, model, data.val, data.tasks, cfg.train.eval_batch_size)
+        final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
 
     digests = dist.check_consistent(model, cfg.train.max_steps)
     if dist.is_main:
@@ -131,13 +132,10 @@ def train(cfg: Config) -> TrainResult:
 
 
 def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: list[str], model: nn.Module,
-               optimizer, scheduler, train_data: TensorData, sampler: GlobalBatchSampler, step: int) -> dict[str, Tensor]:
+               optimizer, scheduler, loader: StepLoader, step: int) -> dict[str, Tensor]:
     """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
     training the ``active`` tasks. Returns each task's loss on this rank (mean over its micro-batches)."""
-    micro_batches = []
-    for indices in sampler.local_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum):
-        x, targets = train_data.batch(indices)
-        micro_batches.append((x.to(dist.device), {k: v.to(dist.device) for k, v in targets.items()}))
+    micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
 
     def update(task: str | None = None) -> None:
         # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.
@@ -158,32 +156,32 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: l
 
 
 @torch.no_grad()
-def evaluate(dist: Distributed, model: nn.Module, val: TensorData, tasks: list[Task], batch_size: int) -> dict[str, float]:
-    """Per-task validation metrics over the whole validation split, each sample counted once:
-    every rank evaluates a disjoint share and the per-sample sums are all-reduced."""
+def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_size: int) -> dict[str, float]:
+    """Per-task validation metrics over each dataset's whole validation split, each sample counted
+    once: every rank evaluates a disjoint share and the per-sample sums are all-reduced (one flat
+    collective with a layout fixed by the tasks, so a rank with an empty share sends zeros)."""
     module = dist.accelerator.unwrap_model(model)
     module.eval()
-    shard = eval_shard(len(val), dist.rank, dist.world_size)
-    sums: dict[str, dict[str, Tensor]] = {}
-    for start in range(0, len(shard), batch_size):
-        x, targets = val.batch(shard[start:start + batch_size])
-        with dist.accelerator.autocast():
-            outputs = module(x.to(dist.device))
-        for task in tasks:
-            batch_sums = task.metric_sums(outputs[task.name], targets[task.name].to(dist.device))
-            for key, value in batch_sums.items():
-                sums.setdefault(task.name, {}).setdefault(key, torch.zeros((), dtype=torch.float64, device=dist.device))
-                sums[task.name][key] += value
+    keys = [(task.name, key) for task in data.tasks for key in task.sum_keys]
+    sums = {k: torch.zeros((), dtype=torch.float64, device=dist.device) for k in keys}
+    for group in data.groups:
+        shard = eval_shard(len(group.val), dist.rank, dist.world_size)
+        names = [task.name for task in group.tasks]
+        for start in range(0, len(shard), batch_size):
+            x, targets = group.val.batch(shard[start:start + batch_size])
+            with dist.accelerator.autocast():
+                outputs = module(x.to(dist.device), tasks=names)
+            for task in group.tasks:
+                for key, value in task.metric_sums(outputs[task.name], targets[task.name].to(dist.device)).items():
+                    sums[(task.name, key)] += value
     module.train()
-    # One flat all-reduce; a rank with an empty share contributes zeros (keys come from the tasks).
-    keys = [(task.name, key) for task in tasks for key in task.sum_keys]
-    flat = torch.stack([sums.get(t, {}).get(k, torch.zeros((), dtype=torch.float64, device=dist.device)) for t, k in keys])
-    flat = dist.all_reduce_sum(flat).tolist()
+    flat = dist.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
     results: dict[str, float] = {}
-    for task in tasks:
-        task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
-        for metric, value in Task.metrics_from_sums(task_sums, len(val)).items():
-            results[f"eval/{task.name}/{metric}"] = value
+    for group in data.groups:
+        for task in group.tasks:
+            task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
+            for metric, value in Task.metrics_from_sums(task_sums, len(group.val)).items():
+                results[f"eval/{task.name}/{metric}"] = value
     return results
 
 
@@ -213,17 +211,18 @@ def build_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t, step))
 
 
-def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, phase: Phase,
-                  sampler: GlobalBatchSampler, done: int, step_time: float) -> dict:
+def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, active: list[str],
+                  loader: StepLoader, done: int, step_time: float) -> dict:
     """The global view of a step: per-task losses averaged over ranks (each rank's value is already
-    the mean over its micro-steps, and all pieces are the same size). Tasks outside the current
-    phase are logged with weight 0."""
+    the mean over its micro-steps, and all pieces are the same size). Every rank computed the same
+    tasks, so the reduction has the same layout everywhere. Tasks not trained at this step (schedule
+    phase, task sampling) have weight 0."""
     names = list(losses)
     global_losses = dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()
-    weights = {n: (w if n in phase.tasks else 0.0) for n, w in weighting.weights(done - 1).items()}
-    record = {"step": done, "epoch": sampler.epoch(done), "samples": done * cfg.train.batch_size}
+    weights = {n: (w if n in active else 0.0) for n, w in weighting.weights(done - 1).items()}
+    record = {"step": done, "epoch": loader.epoch(done), "samples": done * cfg.train.batch_size}
     record.update({f"loss/{n}": v for n, v in zip(names, global_losses)})
-    record.update({f"weight/{n}": float(weights[n]) for n in names})
+    record.update({f"weight/{n}": float(w) for n, w in weights.items()})
     record["train/loss"] = sum(weights[n] * v for n, v in zip(names, global_losses))
     record["lr"] = cfg.train.lr * lr_factor(cfg.train, done - 1)  # the encoder's lr during this step
     record["perf/step_time_s"] = step_time
@@ -266,7 +265,7 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: PreparedData,
+def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTaskData,
                      resume_path: Path | None, start: int) -> None:
     import accelerate
     import datasets
@@ -284,13 +283,13 @@ def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: Prepar
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resumed_from": str(resume_path) if resume_path else None,
         "start_step": start,
-        "train_rows": len(data.train),
-        "val_rows": len(data.val),
+        "datasets": [{"tasks": [t.name for t in g.tasks], "train_rows": len(g.train), "val_rows": len(g.val)}
+                     for g in data.groups],
         "tasks": {t.name: {"kind": t.kind, "loss": t.loss_name, "out_dim": t.out_dim} for t in data.tasks},
     })
 
 
-def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: PreparedData,
+def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: MultiTaskData,
                  final_eval: dict[str, float], digests: list[str]) -> None:
     final = run_dir / "final"
     final.mkdir(exist_ok=True)

@@ -57,16 +57,16 @@ def test_task_directions_have_the_promised_cosine(tasks, conflict):
 
 def test_synthetic_data_is_a_function_of_the_seed(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", TINY), [], world_size=1)
-    a, b = prepare(cfg), prepare(cfg)
+    a, b = prepare(cfg).groups[0], prepare(cfg).groups[0]
     assert torch.equal(a.train.x, b.train.x) and torch.equal(a.val.targets["t1"], b.val.targets["t1"])
     cfg.seed += 1
-    assert not torch.equal(prepare(cfg).train.x, a.train.x)
+    assert not torch.equal(prepare(cfg).groups[0].train.x, a.train.x)
     assert len(a.train) + len(a.val) == 1001 and len(a.val) == 101
 
 
 @pytest.fixture(scope="module")
 def diamonds():
-    return prepare(load_config(REPO / "configs" / "diamonds.yaml", [], world_size=1))
+    return prepare(load_config(REPO / "configs" / "diamonds.yaml", [], world_size=1)).groups[0]
 
 
 def test_diamonds_tasks_classes_and_standardisation(diamonds):
@@ -90,7 +90,7 @@ def test_diamonds_baselines_are_the_trivial_predictors(diamonds):
 
 
 def test_validation_split_is_deterministic(diamonds):
-    again = prepare(load_config(REPO / "configs" / "diamonds.yaml", [], world_size=1))
+    again = prepare(load_config(REPO / "configs" / "diamonds.yaml", [], world_size=1)).groups[0]
     assert torch.equal(again.val.x, diamonds.val.x)
 
 
@@ -104,7 +104,8 @@ ROWS = "a,b,label,flag\n" + "".join(f"{i},{i % 3},{'xyz'[i % 3]},{i % 2}\n" for 
 
 
 def test_csv_with_binary_and_string_classes(tmp_path):
-    data = prepare(_csv(tmp_path, ROWS, [{"name": "label", "kind": "classification"}, {"name": "flag", "kind": "binary"}]))
+    data = prepare(_csv(tmp_path, ROWS, [{"name": "label", "kind": "classification"},
+                                         {"name": "flag", "kind": "binary"}])).groups[0]
     assert data.features == ["a", "b"]
     assert data.tasks[0].num_classes == 3 and data.train.targets["label"].dtype == torch.long
     assert set(data.train.targets["flag"].tolist()) <= {0.0, 1.0}
@@ -124,7 +125,7 @@ def test_missing_values_are_an_error_unless_dropped(tmp_path):
     text = ROWS + "12,,x,1\n"
     with pytest.raises(DataError, match="column 'b' has 1 missing or NaN values"):
         prepare(_csv(tmp_path, text, [{"name": "flag", "kind": "binary"}]))
-    data = prepare(_csv(tmp_path, text, [{"name": "flag", "kind": "binary"}], dropna=True))
+    data = prepare(_csv(tmp_path, text, [{"name": "flag", "kind": "binary"}], dropna=True)).groups[0]
     assert len(data.train) + len(data.val) == 12
 
 
@@ -136,3 +137,9 @@ def test_log_transform_needs_positive_values(tmp_path):
 def test_feature_that_is_a_target(tmp_path):
     with pytest.raises(DataError, match="data.features: 'a' is also a task target"):
         prepare(_csv(tmp_path, ROWS, [{"name": "a"}], features=["a", "b"]))
+
+
+def test_synthetic_inputs_never_include_the_other_targets(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {**TINY, "tasks": [{"name": "t1"}]}), [], world_size=1)
+    group = prepare(cfg).groups[0]
+    assert group.features == [f"x{j}" for j in range(8)] and group.train.x.shape[1] == 8

@@ -71,7 +71,7 @@ def test_training_moved_the_parameters(oracle, tmp_path):
 def test_logged_losses_are_global_batch_means(oracle, tmp_path):
     """Step 1's logged loss is the initial model's loss on global batch 0, computed here directly."""
     cfg = load_config(write_config(tmp_path / "tiny.yaml", TINY), [], world_size=1)
-    data = prepare(cfg)
+    data = prepare(cfg).groups[0]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
     x, targets = data.train.batch(GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed).global_batch(0))
@@ -90,7 +90,7 @@ def test_eval_counts_every_validation_sample_once(oracle, tmp_path):
     single-process evaluation of the saved model."""
     run = oracle["2"]
     cfg = load_config(write_config(tmp_path / "tiny.yaml", TINY), [], world_size=1)
-    data = prepare(cfg)
+    data = prepare(cfg).groups[0]
     assert len(data.val) == 101
     model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
     model.load_state_dict(load_file(str(run.output_dir / "final/model.safetensors")))

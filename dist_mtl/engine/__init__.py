@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .alternate import AlternateEngine
-from .base import Batch, BackwardEngine, Update
+from .base import Batch, BackwardEngine, Piece, Update
 from .jacobian import JacobianEngine
 from .per_task import PerTaskEngine
 from .sum import SumEngine
@@ -23,5 +23,5 @@ BACKWARDS: dict[str, type[BackwardEngine]] = {
     "jacobian": JacobianEngine,
 }
 
-__all__ = ["BACKWARDS", "Batch", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine",
+__all__ = ["BACKWARDS", "Batch", "Piece", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine",
            "SumEngine"]

@@ -13,7 +13,6 @@ step needs synchronised gradients before its update.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .base import Batch, BackwardEngine, Update
@@ -22,15 +21,13 @@ from .base import Batch, BackwardEngine, Update
 class AlternateEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        totals: dict[str, Tensor] = {}
+        totals = self.zeros(active)
         for name in active:
-            total = torch.zeros((), device=self.dist.device)
             with self.local():
-                for x, targets in micro_batches:
-                    loss = self.task_losses(self.model(x, tasks=[name]), targets)[name]
+                for batch in micro_batches:
+                    loss = self.losses(batch, only=[name])[name]
                     self.backward(self.weighting.terms({name: loss}, step)[name] / accum)
-                    total += loss.detach() / accum
+                    totals[name] += loss.detach() / accum  # the task's loss before its own update
             self.reduce_grads(self.trainable([name]))
             update(task=name)
-            totals[name] = total  # the task's loss before its own update
         return totals

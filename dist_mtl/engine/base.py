@@ -12,7 +12,10 @@ from ..distributed import Distributed
 from ..tasks import Task
 from ..weighting import Weighting
 
-Batch = tuple[Tensor, dict[str, Tensor]]
+Piece = tuple[Tensor, dict[str, Tensor]]
+"""Inputs and the targets of the tasks that read them (one dataset's share of a micro-step)."""
+Batch = list[Piece]
+"""One micro-step: a piece per dataset that has an active task (one piece for shared-input tasks)."""
 Update = Callable[..., None]
 """Applies the current gradients: clip, optimizer step, zero grads. ``update(task=name)`` marks a
 per-task step (the ``alternate`` engine), so the trainer can apply that task's learning rate."""
@@ -39,8 +42,19 @@ class BackwardEngine:
         raise NotImplementedError
 
     # -- helpers shared by the engines -----------------------------------------------------------
-    def task_losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: self.by_name[name].loss(out, targets[name]) for name, out in outputs.items()}
+    def losses(self, batch: Batch, only: list[str] | None = None) -> dict[str, Tensor]:
+        """Each task's mean loss on its piece of ``batch``: one forward per piece, through the heads
+        of the tasks it carries (restricted to ``only`` if given)."""
+        losses = {}
+        for x, targets in batch:
+            names = [name for name in targets if only is None or name in only]
+            if names:
+                outputs = self.model(x, tasks=names)
+                losses.update({name: self.by_name[name].loss(outputs[name], targets[name]) for name in names})
+        return losses
+
+    def zeros(self, names) -> dict[str, Tensor]:
+        return {name: torch.zeros((), device=self.dist.device) for name in names}
 
     def local(self) -> AbstractContextManager:
         """Forward and backward without DDP's reducer: DDP decides in forward what to all-reduce, so

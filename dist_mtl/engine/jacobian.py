@@ -31,11 +31,11 @@ class JacobianEngine(BackwardEngine):
         shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
         heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
         jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
-        totals = {task.name: torch.zeros((), device=self.dist.device) for task in self.tasks}
+        totals: dict[str, Tensor] = {}
         scale = self._loss_scale()
         with self.local():
-            for x, targets in micro_batches:
-                losses = self.task_losses(self.model(x), targets)
+            for batch in micro_batches:
+                losses = self.losses(batch)
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
                 for i, name in enumerate(active):
                     grads = torch.autograd.grad(terms[name] * (scale / accum), shared, retain_graph=True,
@@ -44,7 +44,7 @@ class JacobianEngine(BackwardEngine):
                                               for g, p in zip(grads, shared)])
                 torch.autograd.backward(sum(terms.values()) * (scale / accum), inputs=heads)
                 for name, loss in losses.items():
-                    totals[name] += loss.detach() / accum
+                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
 
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
         if self.jacobian_sync == "global":

@@ -8,7 +8,6 @@ backward passes through the shared encoder instead of one, and the graph is reta
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .base import Batch, BackwardEngine, Update
@@ -17,15 +16,15 @@ from .base import Batch, BackwardEngine, Update
 class PerTaskEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        totals = {task.name: torch.zeros((), device=self.dist.device) for task in self.tasks}
+        totals: dict[str, Tensor] = {}
         with self.local():
-            for x, targets in micro_batches:
-                losses = self.task_losses(self.model(x), targets)
+            for batch in micro_batches:
+                losses = self.losses(batch)
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
                 for i, name in enumerate(active):
                     self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
                 for name, loss in losses.items():
-                    totals[name] += loss.detach() / accum
+                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
         self.reduce_grads(self.trainable(active))
         update()
         return totals

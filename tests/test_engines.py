@@ -1,0 +1,183 @@
+"""The equivalence matrix of the backward engines, with real gloo processes.
+
+Every cell trains the tiny config for 20 steps and compares its final parameters with a
+single-process reference: ``sum`` for sum, per_task and jacobian (with the linear ``sum``
+aggregator, jacobian is *mathematically* the sum objective), ``alternate`` on one process for
+alternate (it is a different algorithm), ``jacobian+mean`` on one process for jacobian+mean. Ranks
+must be bitwise identical, and each mode must all-reduce exactly its minimal number of bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import TINY, launch, write_config
+from test_distributed import RTOL, assert_ranks_identical, max_relative_difference
+
+pytestmark = pytest.mark.slow
+
+# Per-task datasets: t0 reads the top-level data; t1 and t2 each have their own dataset.
+MULTI = copy.deepcopy(TINY)
+MULTI["tasks"] = [
+    {"name": "t0"},
+    {"name": "t1", "data": {"source": "synthetic", "synthetic": {"num_samples": 600, "input_dim": 8, "num_tasks": 3}}},
+    {"name": "t2", "data": {"source": "synthetic", "val_fraction": 0.2,
+                            "synthetic": {"num_samples": 803, "input_dim": 8, "num_tasks": 3, "conflict": 0.9}}},
+]
+
+MODES = {
+    "sum": ["mtl.backward=sum"],
+    "per_task": ["mtl.backward=per_task"],
+    "alternate": ["mtl.backward=alternate"],
+    "jacobian_sum": ["mtl.backward=jacobian", "mtl.aggregator=sum"],
+    "jacobian_mean": ["mtl.backward=jacobian", "mtl.aggregator=mean"],
+}
+REFERENCE = {"sum": "sum", "per_task": "sum", "jacobian_sum": "sum", "alternate": "alternate",
+             "jacobian_mean": "jacobian_mean"}
+
+# The tiny model: encoder 8->16->16, three heads 16->1.
+ENCODER = 8 * 16 + 16 + 16 * 16 + 16
+HEAD = 16 + 1
+FLOAT = 4
+MINIMAL_BYTES = {  # gradient bytes all-reduced per optimizer step with all three tasks active
+    "sum": (ENCODER + 3 * HEAD) * FLOAT,
+    "per_task": (ENCODER + 3 * HEAD) * FLOAT,  # one collective, the same bytes as sum
+    "alternate": 3 * (ENCODER + HEAD) * FLOAT,  # one collective per task step
+    "jacobian_sum": (3 * ENCODER + 3 * HEAD) * FLOAT,  # global sync: T x shared + heads
+    "jacobian_mean": (3 * ENCODER + 3 * HEAD) * FLOAT,
+}
+
+
+class Runs:
+    """Launches each (data, mode, processes, grad_accum, extra) cell once, on demand."""
+
+    def __init__(self, tmp) -> None:
+        self.tmp, self.cache = tmp, {}
+        self.configs = {"shared": write_config(tmp / "shared.yaml", TINY), "multi": write_config(tmp / "multi.yaml", MULTI)}
+
+    def get(self, data: str, mode: str, nproc: int = 1, accum: int = 1, *extra: str):
+        key = (data, mode, nproc, accum, extra)
+        if key not in self.cache:
+            name = "-".join([data, mode, f"p{nproc}", f"ga{accum}", *[e.replace("=", "_") for e in extra]])
+            overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *extra]
+            launcher = "accelerate" if accum == 1 else "torchrun"  # both launchers, across the matrix
+            self.cache[key] = launch(self.configs[data], self.tmp / name, overrides, nproc=nproc, launcher=launcher).check()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("engines"))
+
+
+def assert_matches(run, reference, rtol=RTOL) -> None:
+    diff = max_relative_difference(run.output_dir / "final/model.safetensors", reference.output_dir / "final/model.safetensors")
+    assert diff <= rtol, f"relative parameter difference {diff:.2e} > {rtol:.0e}"
+
+
+CELLS = [("per_task", 1, 2), ("jacobian_sum", 1, 1), ("alternate", 1, 2),
+         *[(mode, 2, accum) for mode in ("sum", "per_task", "alternate", "jacobian_sum") for accum in (1, 2)],
+         ("jacobian_mean", 2, 2)]
+
+
+@pytest.mark.parametrize("mode, nproc, accum", CELLS)
+def test_shared_input_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
+    run = runs.get("shared", mode, nproc, accum)
+    assert_ranks_identical(run, nproc)
+    assert_matches(run, runs.get("shared", REFERENCE[mode]))
+
+
+@pytest.mark.parametrize("mode, nproc, accum", [("sum", 2, 2), ("per_task", 2, 1), ("jacobian_sum", 2, 2),
+                                                ("alternate", 2, 1)])
+def test_per_task_dataset_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
+    run = runs.get("multi", mode, nproc, accum)
+    assert_ranks_identical(run, nproc)
+    assert_matches(run, runs.get("multi", REFERENCE[mode]))
+    datasets = run.json("run.json")["datasets"]
+    assert [d["tasks"] for d in datasets] == [["t0"], ["t1"], ["t2"]] and datasets[1]["train_rows"] == 540
+
+
+def test_the_references_really_differ(runs):
+    """Guard against a vacuous matrix: the algorithms that should differ do, by far more than RTOL.
+    (Not jacobian+mean: its shared gradient is sum's divided by T, and AdamW is nearly invariant to
+    that scale, so it lands within ~1e-5 of sum; with SGD it would not.)"""
+    shared_sum = runs.get("shared", "sum")
+    diff = max_relative_difference(shared_sum.output_dir / "final/model.safetensors",
+                                   runs.get("shared", "alternate").output_dir / "final/model.safetensors")
+    assert diff > 1000 * RTOL
+    diff = max_relative_difference(shared_sum.output_dir / "final/model.safetensors",
+                                   runs.get("multi", "sum").output_dir / "final/model.safetensors")
+    assert diff > 1000 * RTOL
+
+
+@pytest.mark.parametrize("mode", ["sum", "per_task", "alternate", "jacobian_sum"])
+def test_gradient_bytes_per_step_are_minimal(runs, mode):
+    accum = 2 if mode in ("sum", "per_task") else 1  # accumulation must not add traffic
+    lines = [m for m in runs.get("shared", mode, 2, accum).metrics() if "perf/comm_bytes" in m]
+    assert len(lines) == 20
+    assert {m["perf/comm_bytes"] for m in lines} == {MINIMAL_BYTES[mode]}
+
+
+def test_jacobian_local_sync_costs_the_bytes_of_sum_and_is_exact_for_linear_aggregators(runs):
+    run = runs.get("shared", "jacobian_sum", 2, 1, "mtl.jacobian_sync=local")
+    assert_ranks_identical(run, 2)
+    assert_matches(run, runs.get("shared", "sum"))
+    assert {m["perf/comm_bytes"] for m in run.metrics() if "perf/comm_bytes" in m} == {MINIMAL_BYTES["sum"]}
+
+
+def test_bf16_cell(runs):
+    """bf16 autocast on 2 processes with per-task backward against 1-process bf16 sum. Matmuls run in
+    bf16, so rounding differs with the batch split: the tolerance is bf16's, not fp32's."""
+    run = runs.get("shared", "per_task", 2, 2, "train.mixed_precision=bf16")
+    assert_ranks_identical(run, 2)
+    assert_matches(run, runs.get("shared", "sum", 1, 1, "train.mixed_precision=bf16"), rtol=2e-2)
+
+
+def test_task_sampling_is_identical_on_every_rank_and_any_world_size(runs):
+    one = runs.get("multi", "sum", 1, 1, "mtl.task_sampling=sample")
+    two = runs.get("multi", "sum", 2, 2, "mtl.task_sampling=sample")
+    assert_ranks_identical(two, 2)
+    assert_matches(two, one)
+    trained = [[k.split("/")[1] for k, v in m.items() if k.startswith("weight/") and v > 0] for m in two.metrics()
+               if "loss/t0" in m or "loss/t1" in m or "loss/t2" in m]
+    assert all(len(t) == 1 for t in trained) and len({t[0] for t in trained}) > 1
+    # one task per step: only the encoder and that task's head are reduced
+    assert {m["perf/comm_bytes"] for m in two.metrics() if "perf/comm_bytes" in m} == {(ENCODER + HEAD) * FLOAT}
+
+
+def test_phases_switch_engines_at_the_same_step_on_every_rank(runs, tmp_path):
+    """Seed recipe 5: sum (first task only), then per_task, then alternate; 2 processes = 1."""
+    config = write_config(tmp_path / "phases.yaml", {**TINY, "mtl": {"backward": "alternate", "schedule": [
+        {"until_step": 6, "backward": "sum", "tasks": ["t0"]}, {"until_step": 13, "backward": "per_task"}]}})
+    one = launch(config, tmp_path / "p1", ["log.every=1", "log.comm_bytes=true"]).check()
+    two = launch(config, tmp_path / "p2", ["log.every=1", "log.comm_bytes=true"], nproc=2).check()
+    assert_ranks_identical(two, 2)
+    assert_matches(two, one)
+    lines = [m for m in two.metrics() if "phase" in m]
+    assert [m["phase"] for m in lines] == [0] * 6 + [1] * 7 + [-1] * 7
+    assert [m["weight/t1"] for m in lines[:7]] == [0.0] * 6 + [1.0]
+    bytes_by_phase = {p: {m["perf/comm_bytes"] for m in lines if m["phase"] == p} for p in (0, 1, -1)}
+    assert bytes_by_phase == {0: {(ENCODER + HEAD) * FLOAT}, 1: {MINIMAL_BYTES["per_task"]},
+                              -1: {MINIMAL_BYTES["alternate"]}}
+    assert "step 6: phase 1 (backward=per_task" in one.stdout and "step 13: phase -1 (backward=alternate" in one.stdout
+
+
+def test_alternate_leaves_unused_heads_untouched(tmp_path):
+    """In a phase that trains only t0 with alternate, the other heads keep grad=None, so AdamW
+    (with weight decay) does not move them at all."""
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path / "alt.yaml", {**TINY, "train": {**TINY["train"], "weight_decay": 0.1},
+                                                  "mtl": {"backward": "alternate",
+                                                          "schedule": [{"until_step": 20, "tasks": ["t0"]}]}})
+    start = launch(config, tmp_path / "start", ["train.max_steps=1", "mtl.schedule=[]"]).check()
+    # step 1 trained every task; now continue from it with only t0 for steps 1..19
+    run = launch(config, tmp_path / "start", ["train.max_steps=20"]).check()
+    assert run.json("run.json")["start_step"] == 1
+    before = load_file(str(start.output_dir / "checkpoints/step_1/model.safetensors"))
+    after = load_file(str(run.output_dir / "final/model.safetensors"))
+    for name in before:
+        moved = not before[name].equal(after[name])
+        assert moved == (not name.startswith(("heads.t1", "heads.t2"))), name
