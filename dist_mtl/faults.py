@@ -1,5 +1,8 @@
-"""Fault injection for tests: ``DIST_MTL_FAULT=kill@<step>[:<rank>]`` SIGKILLs the process right
-after optimizer step ``<step>`` (after its checkpoint, if one is due), optionally on one rank only.
+"""Fault injection for tests, after optimizer step ``<step>``, optionally on one rank only:
+
+- ``DIST_MTL_FAULT=kill@<step>[:<rank>]`` SIGKILLs the process (before any checkpoint of that step);
+- ``DIST_MTL_FAULT=perturb@<step>[:<rank>]`` nudges one parameter, making the replicas diverge, as
+  a hardware or software fault would, so the consistency check can be shown to catch it.
 
 It exists so that crash-and-resume behaviour is tested with a real SIGKILL (no cleanup, no
 finally blocks), not a simulated exception. Unset, it costs one dict lookup per step.
@@ -10,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 ENV = "DIST_MTL_FAULT"
 
 
@@ -17,15 +22,19 @@ def parse(spec: str) -> tuple[str, int, int | None]:
     """``kill@12`` -> ("kill", 12, None); ``kill@12:1`` -> ("kill", 12, 1)."""
     action, _, where = spec.partition("@")
     step, _, rank = where.partition(":")
-    if action != "kill" or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ValueError(f"{ENV}={spec!r}: expected kill@<step>[:<rank>]")
+    if action not in ("kill", "perturb") or not step.isdigit() or (rank and not rank.isdigit()):
+        raise ValueError(f"{ENV}={spec!r}: expected kill@<step>[:<rank>] or perturb@<step>[:<rank>]")
     return action, int(step), int(rank) if rank else None
 
 
-def maybe_inject(step: int, rank: int) -> None:
+def maybe_inject(step: int, rank: int, model: torch.nn.Module) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    _, at, only_rank = parse(spec)
-    if step == at and (only_rank is None or only_rank == rank):
+    action, at, only_rank = parse(spec)
+    if step != at or (only_rank is not None and only_rank != rank):
+        return
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3

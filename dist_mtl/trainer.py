@@ -111,6 +111,7 @@ def train(cfg: Config) -> TrainResult:
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
             final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
             tracker.log({"step": done, **final_eval})
+        faults.maybe_inject(done, dist.rank, model)
         if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
             dist.check_consistent(model, done)
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps:
@@ -118,7 +119,6 @@ def train(cfg: Config) -> TrainResult:
                             {"scheduler": scheduler.state_dict(), "weighting": weighting.state_dict()},
                             cfg.train.keep_checkpoints)
         progress.update(1)
-        faults.maybe_inject(done, dist.rank)
     progress.close()
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
         final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)

@@ -23,6 +23,7 @@ fresh model and a fresh DDP wrapper, so several cases can share one launch and s
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from datetime import timedelta
@@ -203,6 +204,11 @@ def main() -> None:
             out["error_by_rank"] = [r["error_message"] for r in results]
             outdir.mkdir(parents=True, exist_ok=True)
             (outdir / f"{case}.json").write_text(json.dumps(out, indent=2))
+        # DDP objects sit in reference cycles: free this case's wrapper now, while the process group is alive.
+        # Left to interpreter shutdown (after destroy_process_group) they sometimes abort the process with
+        # "terminate called without an active exception" (seen ~1 launch in 8 before this).
+        del grads, model
+        gc.collect()
         dist.barrier()
     dist.destroy_process_group()
 
