@@ -72,6 +72,9 @@ def _offline_run(tmp_path_factory: pytest.TempPathFactory, name: str, body) -> P
             (root / sub).mkdir()
             mp.setenv(var, str(root / sub))
         body(root)
+        # finish() can return while the wandb-core service is still flushing the transaction log
+        # (seen under load: a file cut inside a fragmented record); teardown waits for the service.
+        wandb.teardown()
     return root
 
 
