@@ -32,20 +32,20 @@ class JacobianEngine(BackwardEngine):
         heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
         jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
         totals: dict[str, Tensor] = {}
-        scale = self._loss_scale()
         with self.local():
             for batch in micro_batches:
                 losses = self.losses(batch)
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
                 for i, name in enumerate(active):
-                    grads = torch.autograd.grad(terms[name] * (scale / accum), shared, retain_graph=True,
+                    grads = torch.autograd.grad(self._scaled(terms[name] / accum), shared, retain_graph=True,
                                                 allow_unused=True)
                     jacobian[i] += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                               for g, p in zip(grads, shared)])
-                torch.autograd.backward(sum(terms.values()) * (scale / accum), inputs=heads)
+                torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
                 for name, loss in losses.items():
                     totals[name] = totals.get(name, 0.0) + loss.detach() / accum
 
+        scale = self._loss_scale()
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
         if self.jacobian_sync == "global":
             self.dist.all_reduce_grads_([jacobian, *head_grads])
@@ -61,6 +61,11 @@ class JacobianEngine(BackwardEngine):
             offset += p.numel()
         update()
         return totals
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""
+        scaler = self.dist.accelerator.scaler
+        return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
 
     def _loss_scale(self) -> float:
         scaler = self.dist.accelerator.scaler
