@@ -1,33 +1,128 @@
 """Gradient-level aggregators for ``backward: jacobian``: short names mapped to torchjd classes.
 
 An aggregator maps the T x P matrix of per-task gradients of the shared parameters to one P-vector.
-torchjd (MIT, with a numerical test suite) implements them; we only adapt names and arguments.
+torchjd (MIT, with a numerical test suite) implements them; this module only adapts names and
+arguments and adds what makes them safe on N ranks:
+
+- every call runs under a private RNG seeded by (seed, step), so random methods (PCGrad's order,
+  GradDrop's masks, GradVac's shuffles) draw the same numbers on every rank and on resume;
+- state that a method carries between steps (GradVac's EMA targets, Nash-MTL's warm start) is in
+  ``state_dict``, which checkpoints save and restore;
+- the effective task weights of weighted methods are captured with a hook, at no extra cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import warnings
+from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import Tensor
 
 
-def _torchjd(name: str) -> Callable[..., Callable[[Tensor], Tensor]]:
-    def make(**kwargs) -> Callable[[Tensor], Tensor]:
-        import torchjd.aggregation as aggregation
+@dataclass(frozen=True)
+class AggregatorSpec:
+    torchjd_class: str
+    extra: str | None = None
+    """The dist_mtl extra whose packages the method needs (``pip install 'dist_mtl[<extra>]'``)."""
+    defaults: tuple[tuple[str, object], ...] = ()
+    """Arguments torchjd requires that we default (``mtl.aggregator_args`` overrides them)."""
 
-        return getattr(aggregation, name)(**kwargs)
 
-    make.__name__ = name
-    return make
-
-
-# name -> factory(**mtl.aggregator_args) returning a callable J (T x P) -> P
-AGGREGATORS: dict[str, Callable[..., Callable[[Tensor], Tensor]]] = {
-    "mean": _torchjd("Mean"),
-    "sum": _torchjd("Sum"),
+AGGREGATORS: dict[str, AggregatorSpec] = {
+    "mean": AggregatorSpec("Mean"),
+    "sum": AggregatorSpec("Sum"),
+    "upgrad": AggregatorSpec("UPGrad", "quadprog"),
+    "dualproj": AggregatorSpec("DualProj", "quadprog"),
+    "mgda": AggregatorSpec("MGDA"),
+    "pcgrad": AggregatorSpec("PCGrad"),
+    "cagrad": AggregatorSpec("CAGrad", "cvxpy", (("c", 0.4),)),  # c = 0.4: the paper's multi-task setting
+    "nashmtl": AggregatorSpec("NashMTL", "cvxpy"),
+    "imtlg": AggregatorSpec("IMTLG"),
+    "alignedmtl": AggregatorSpec("AlignedMTL"),
+    "gradvac": AggregatorSpec("GradVac"),
+    "config": AggregatorSpec("ConFIG"),
+    "graddrop": AggregatorSpec("GradDrop"),
 }
 
+# Between-step state that torchjd keeps in plain attributes rather than buffers.
+_STATE_ATTRIBUTES = ("prvs_alpha", "step", "normalization_factor", "init_gtg")
 
-def build_aggregator(name: str, args: dict | None = None) -> Callable[[Tensor], Tensor]:
+
+class AggregatorUnavailable(ImportError):
+    """The method's optional dependencies are not installed."""
+
+
+def make_torchjd_aggregator(name: str, args: dict, num_tasks: int) -> torch.nn.Module:
+    """Instantiate the torchjd aggregator registered as ``name``. Raises ``AggregatorUnavailable``
+    (naming the extra) when its packages are missing, ``TypeError``/``ValueError`` for bad args."""
+    import torchjd.aggregation as aggregation
+
+    spec = AGGREGATORS[name]
+    cls = getattr(aggregation, spec.torchjd_class)
+    kwargs = {**dict(spec.defaults), **args}
+    if "n_tasks" in inspect.signature(cls).parameters and "n_tasks" not in kwargs:
+        kwargs["n_tasks"] = num_tasks
+    try:
+        return cls(**kwargs)
+    except ImportError as e:
+        raise AggregatorUnavailable(f"{name!r} needs optional packages: pip install 'dist_mtl[{spec.extra}]' "
+                                    f"({' '.join(str(e).split())})") from None
+
+
+class Aggregation:
+    """A torchjd aggregator made rank-consistent and resumable; call it as ``agg(J, step)``."""
+
+    def __init__(self, name: str, args: dict, num_tasks: int, seed: int) -> None:
+        self.name, self.seed = name, seed
+        # Nash-MTL's cvxpy problem warns on every solve that it is not DPP (only a speed note).
+        warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")
+        self.module = make_torchjd_aggregator(name, args, num_tasks)
+        self.last_weights: Tensor | None = None
+        weighting = getattr(self.module, "weighting", None)
+        if isinstance(weighting, torch.nn.Module):
+            weighting.register_forward_hook(self._capture_weights)
+
+    def _capture_weights(self, module, inputs, output) -> None:
+        self.last_weights = output.detach()
+
+    def __call__(self, jacobian: Tensor, step: int) -> Tensor:
+        devices = [jacobian.device] if jacobian.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + step + 11)
+            return self.module(jacobian)
+
+    def state_dict(self) -> dict:
+        # named_buffers, not state_dict: torchjd registers some submodules under two names
+        state = {f"buffer/{k}": v.detach().cpu().clone() for k, v in self.module.named_buffers() if v is not None}
+        for path, sub in self.module.named_modules():
+            for attr in _STATE_ATTRIBUTES:
+                if hasattr(sub, attr):
+                    state[f"attr/{path}/{attr}"] = torch.as_tensor(np.asarray(getattr(sub, attr)))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        modules = dict(self.module.named_modules(remove_duplicate=False))  # torchjd aliases submodules
+        for key, value in state.items():
+            kind, _, rest = key.partition("/")
+            if kind == "buffer":
+                path, _, name = rest.rpartition(".")
+                setattr(modules[path], name, value.clone())
+                if hasattr(modules[path], "_state_key"):  # GradVac: the shape its EMA state is for
+                    modules[path]._state_key = (value.shape[0], value.dtype)
+            elif kind == "attr":
+                path, _, attr = rest.rpartition("/")
+                old = getattr(modules[path], attr)
+                restored = value.numpy().copy()
+                setattr(modules[path], attr, float(restored) if isinstance(old, float) else
+                        restored.astype(np.asarray(old).dtype))
+        for sub in modules.values():  # Nash-MTL builds its cvxpy problem at step 0 only
+            if getattr(sub, "step", 0) and getattr(sub, "prvs_alpha_param", False) is None:
+                sub._init_optim_problem()
+
+
+def build_aggregation(name: str, args: dict | None, num_tasks: int, seed: int) -> Aggregation:
     """The aggregator registered as ``name``, built with ``args``."""
-    return AGGREGATORS[name](**(args or {}))
+    return Aggregation(name, args or {}, num_tasks, seed)

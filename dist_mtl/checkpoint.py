@@ -4,6 +4,7 @@ Layout of ``checkpoints/step_<N>/``:
   model.safetensors      unwrapped model state (names stable across world sizes)
   optimizer.pt           optimizer state, loaded back with ``weights_only=True`` (no pickled code)
   trainer_state.json     step, scheduler, weighting and whatever else the trainer registers
+  aggregator.safetensors a stateful aggregator's state (GradVac's EMA targets, Nash-MTL's warm start)
   rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
 
 A checkpoint is written under ``.partial-step_<N>`` and renamed to ``step_<N>`` by the main process
@@ -74,8 +75,10 @@ def find_resume_path(resume: str, output_dir: str) -> Path | None:
     return path
 
 
-def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
-    """Write a checkpoint for ``step`` collectively; returns its final path."""
+def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
+         tensors: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
+    """Write a checkpoint for ``step`` collectively; returns its final path. ``state`` goes to
+    trainer_state.json; each ``tensors[name]`` (identical on every rank) to ``<name>.safetensors``."""
     final = root / f"step_{step}"
     partial = root / f".partial-step_{step}"
     if dist.is_main:
@@ -91,6 +94,8 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
         weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
         save_file(weights, str(partial / "model.safetensors"))
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        for name, group in tensors.items():
+            save_file({k: v.contiguous() for k, v in group.items()}, str(partial / f"{name}.safetensors"))
         _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
     dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if dist.is_main:
@@ -115,8 +120,11 @@ def _rotate(root: Path, keep: int) -> None:
 
 
 def load(dist: Distributed, path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+    """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state, with
+    the extra tensor groups under ``state["tensors"]``."""
     state = json.loads((path / STATE_FILE).read_text())
+    state["tensors"] = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")
+                        if f.name != "model.safetensors" and not f.name.startswith("rng_rank")}
     dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"

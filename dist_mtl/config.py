@@ -496,7 +496,7 @@ def _check_name(name: str, registry: dict, key: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Fills in defaults that depend on other fields (synthetic tasks)."""
     # Registries are imported here so that config.py stays importable on its own.
-    from .aggregation import AGGREGATORS
+    from .aggregation import AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODERS
     from .tasks import LOSSES
@@ -567,6 +567,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(mtl.aggregator != "none", "mtl.aggregator",
                  f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
         _check_name(mtl.aggregator, AGGREGATORS, "mtl.aggregator")
+        try:  # builds it once: a missing optional package or a bad argument fails here, not mid-run
+            make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, len(cfg.tasks))
+        except AggregatorUnavailable as e:
+            raise ConfigError("mtl.aggregator", str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError("mtl.aggregator_args", f"{mtl.aggregator}: {' '.join(str(e).split())}") from None
     else:
         _require(mtl.aggregator == "none", "mtl.aggregator",
                  f"{mtl.aggregator!r} combines per-task gradients and needs mtl.backward: jacobian "

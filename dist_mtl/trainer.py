@@ -20,7 +20,7 @@ from . import __version__, checkpoint, faults
 from .config import Config, TrainConfig, dump_yaml
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
 from .distributed import Distributed
-from .aggregation import build_aggregator
+from .aggregation import build_aggregation
 from .engine import BACKWARDS, BackwardEngine
 from .errors import ConfigError
 from .models import MultiTaskModel, build_model
@@ -67,7 +67,8 @@ def train(cfg: Config) -> TrainResult:
         dist.count_ddp_traffic(model)
     weighting = build_weighting(cfg)
     schedule = Schedule(cfg)
-    aggregate = build_aggregator(cfg.mtl.aggregator, cfg.mtl.aggregator_args) if cfg.mtl.aggregator != "none" else None
+    aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
+                 if cfg.mtl.aggregator != "none" else None)
     engines: dict[str, BackwardEngine] = {
         name: BACKWARDS[name](dist, model, data.tasks, weighting, aggregate, cfg.mtl.jacobian_sync)
         for name in schedule.backwards}
@@ -78,6 +79,8 @@ def train(cfg: Config) -> TrainResult:
         state = checkpoint.load(dist, resume_path, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         weighting.load_state_dict(state["weighting"])
+        if aggregate is not None:
+            aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
         start = state["step"]
     else:
         # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
@@ -105,6 +108,9 @@ def train(cfg: Config) -> TrainResult:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
                 record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
+            stats = engines[phase.backward].stats
+            if stats:
+                record.update(zip(stats, dist.mean(torch.stack(list(stats.values())).double()).tolist()))
             tracker.log(record)
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                  refresh=False)
@@ -117,6 +123,7 @@ def train(cfg: Config) -> TrainResult:
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps:
             checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
                             {"scheduler": scheduler.state_dict(), "weighting": weighting.state_dict()},
+                            {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
                             cfg.train.keep_checkpoints)
         progress.update(1)
     progress.close()

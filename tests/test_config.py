@@ -184,7 +184,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_jacobian_needs_a_known_aggregator(tmp_path):
     assert error_of(tmp_path, TINY, "mtl.backward=jacobian").startswith(
-        "mtl.aggregator: backward 'jacobian' needs an aggregator; allowed: mean, sum")
+        "mtl.aggregator: backward 'jacobian' needs an aggregator; allowed: alignedmtl, cagrad, config, dualproj, "
+        "graddrop, gradvac, imtlg, mean, mgda, nashmtl, pcgrad, sum, upgrad")
     assert error_of(tmp_path, TINY, "mtl.backward=jacobian", "mtl.aggregator=upgrd").startswith(
         "mtl.aggregator: unknown name 'upgrd'")
     assert load(tmp_path, TINY, "mtl.backward=jacobian", "mtl.aggregator=mean").mtl.jacobian_sync == "global"
@@ -213,3 +214,8 @@ def test_schedule_phases_are_a_function_of_the_step(tmp_path):
     assert [schedule.at(s).backward for s in range(8)] == ["per_task"] * 3 + ["alternate"] * 3 + ["sum"] * 2
     assert schedule.at(0).tasks == ("t1",) and schedule.at(4).tasks == ("t0", "t1", "t2")
     assert schedule.backwards == {"sum", "per_task", "alternate"}
+
+
+def test_bad_aggregator_arguments_name_the_key(tmp_path):
+    message = error_of(tmp_path, TINY, "mtl.backward=jacobian", "mtl.aggregator=upgrad", "mtl.aggregator_args.nope=1")
+    assert message.startswith("mtl.aggregator_args: upgrad:") and "nope" in message

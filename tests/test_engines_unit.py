@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY, write_config
-from dist_mtl.aggregation import build_aggregator
+from dist_mtl.aggregation import build_aggregation
 from dist_mtl.config import load_config
 from dist_mtl.data import StepLoader, prepare
 from dist_mtl.distributed import Distributed
@@ -42,7 +42,8 @@ def one_step(setup, mode: str, scaler, batch=None):
     optimizer = build_optimizer(cfg.train, model)
     dist.accelerator.scaler = scaler
     model, optimizer = dist.accelerator.prepare(model, optimizer)
-    engine = BACKWARDS[mode](dist, model, data.tasks, build_weighting(cfg), build_aggregator("sum"), "global")
+    engine = BACKWARDS[mode](dist, model, data.tasks, build_weighting(cfg),
+                             build_aggregation("sum", {}, len(data.tasks), cfg.seed), "global")
 
     def update(task=None):
         optimizer.step()

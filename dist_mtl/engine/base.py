@@ -30,11 +30,13 @@ class BackwardEngine:
     """
 
     def __init__(self, dist: Distributed, model: nn.Module, tasks: list[Task], weighting: Weighting,
-                 aggregate: Callable[[Tensor], Tensor] | None = None, jacobian_sync: str = "global") -> None:
+                 aggregate: Callable[[Tensor, int], Tensor] | None = None, jacobian_sync: str = "global") -> None:
         self.dist, self.model, self.tasks, self.weighting = dist, model, tasks, weighting
         self.module = dist.accelerator.unwrap_model(model)
         self.aggregate, self.jacobian_sync = aggregate, jacobian_sync
         self.by_name = {task.name: task for task in tasks}
+        self.stats: dict[str, Tensor] = {}
+        """Diagnostics of the last step (this rank's values; the trainer averages them over ranks)."""
 
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns

@@ -12,6 +12,8 @@ the summed objective restricted to head parameters. All of it runs locally. Then
   for linear aggregators (mean, sum); for the others it is a cheaper approximation.
 
 Accumulating J over micro-steps before aggregating makes ``grad_accum`` equivalent to one big batch.
+The aggregator runs under an RNG seeded by (seed, step) (see ``aggregation.Aggregation``), so
+random methods draw the same on every rank.
 Under fp16 the per-task gradients come from the scaled loss: J is unscaled once after the
 reduction, and the aggregated gradient is handed back scaled so the optimizer's scaler unscales it
 and detects inf/nan (identically on every rank, since every rank holds the same reduced values).
@@ -49,10 +51,11 @@ class JacobianEngine(BackwardEngine):
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
         if self.jacobian_sync == "global":
             self.dist.all_reduce_grads_([jacobian, *head_grads])
-            combined = self.aggregate(jacobian / scale) * scale
-        else:
-            combined = self.aggregate(jacobian / scale) * scale
+        jacobian /= scale
+        combined = self.aggregate(jacobian, step) * scale
+        if self.jacobian_sync != "global":
             self.dist.all_reduce_grads_([combined, *head_grads])
+        self.stats = self._conflict_stats(jacobian, active)
         for p, g in zip(heads, head_grads):
             p.grad = g
         offset = 0
@@ -61,6 +64,21 @@ class JacobianEngine(BackwardEngine):
             offset += p.numel()
         update()
         return totals
+
+    def _conflict_stats(self, jacobian: Tensor, active: list[str]) -> dict[str, Tensor]:
+        """Per-task gradient norms on the shared parameters, pairwise cosines (conflict) and the
+        aggregator's effective task weights, from the Gramian J J^T (T^2 P flops: cheap next to
+        the T backward passes). With global sync these are global values; with local sync they are
+        this rank's, and the trainer averages them over ranks."""
+        gram = (jacobian @ jacobian.T).double()
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+        stats = {f"grad_norm/{name}": norms[i] for i, name in enumerate(active)}
+        stats.update({f"cos/{a}__{b}": cos[i, j] for i, a in enumerate(active) for j, b in enumerate(active) if i < j})
+        weights = getattr(self.aggregate, "last_weights", None)
+        if weights is not None:
+            stats.update({f"agg_weight/{name}": weights[i] for i, name in enumerate(active)})
+        return stats
 
     def _scaled(self, loss: Tensor) -> Tensor:
         """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""
