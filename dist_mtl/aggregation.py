@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,10 +91,26 @@ class Aggregation:
         self.last_weights = output.detach()
 
     def __call__(self, jacobian: Tensor, step: int) -> Tensor:
-        devices = [jacobian.device] if jacobian.device.type == "cuda" else []
+        with self._seeded(jacobian, step):
+            return self.module(jacobian)
+
+    @property
+    def supports_gramian(self) -> bool:
+        return hasattr(self.module, "gramian_weighting")
+
+    def weights_from_gramian(self, gramian: Tensor, step: int) -> Tensor:
+        """Task weights from a T x T Gramian (for Gramian-based methods only)."""
+        with self._seeded(gramian, step):
+            self.last_weights = self.module.gramian_weighting(gramian).detach()
+        return self.last_weights
+
+    @contextmanager
+    def _seeded(self, like: Tensor, step: int) -> Iterator[None]:
+        """A private RNG for this step: the same draws on every rank, whatever each rank's own RNG."""
+        devices = [like.device] if like.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1_000_003 + step + 11)
-            return self.module(jacobian)
+            yield
 
     def state_dict(self) -> dict:
         # named_buffers, not state_dict: torchjd registers some submodules under two names
@@ -121,6 +139,10 @@ class Aggregation:
         for sub in modules.values():  # Nash-MTL builds its cvxpy problem at step 0 only
             if getattr(sub, "step", 0) and getattr(sub, "prvs_alpha_param", False) is None:
                 sub._init_optim_problem()
+
+
+GRAMIAN_AGGREGATORS = ("upgrad", "dualproj", "mgda", "pcgrad", "cagrad", "imtlg", "alignedmtl", "gradvac")
+"""Methods whose weights depend on the Gramian J J^T only: usable with ``jacobian_wrt: features``."""
 
 
 def build_aggregation(name: str, args: dict | None, num_tasks: int, seed: int) -> Aggregation:

@@ -148,6 +148,13 @@ class MTLConfig:
     """Keyword arguments for the aggregator's constructor."""
     jacobian_sync: Literal["global", "local"] = "global"
     """Jacobian mode: all-reduce per-task gradients before aggregating (exact), or aggregate per rank."""
+    jacobian_method: Literal["auto", "loop", "batched"] = "auto"
+    """How per-task gradients are computed: T ``autograd.grad`` calls (``loop``), or one vmap-batched
+    call (``batched``). ``auto``: loop on CPU, batched on GPU (see benchmarks/)."""
+    jacobian_wrt: Literal["params", "features"] = "params"
+    """``params``: aggregate per-task gradients of the encoder's parameters (exact). ``features``:
+    weights from the Gramian of per-task gradients of the encoder OUTPUT, then one weighted backward
+    (MGDA-UB's cheaper approximation; Gramian-based aggregators only)."""
     task_sampling: Literal["all", "sample"] = "all"
     """``all``: every active task trains every step. ``sample``: ``tasks_per_step`` tasks per step,
     drawn with probability proportional to (training rows of the task's dataset)^``sampling_alpha``;
@@ -496,7 +503,7 @@ def _check_name(name: str, registry: dict, key: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Fills in defaults that depend on other fields (synthetic tasks)."""
     # Registries are imported here so that config.py stays importable on its own.
-    from .aggregation import AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
+    from .aggregation import AGGREGATORS, GRAMIAN_AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODERS
     from .tasks import LOSSES
@@ -567,6 +574,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(mtl.aggregator != "none", "mtl.aggregator",
                  f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
         _check_name(mtl.aggregator, AGGREGATORS, "mtl.aggregator")
+        if mtl.jacobian_wrt == "features":
+            _require(mtl.aggregator in GRAMIAN_AGGREGATORS, "mtl.aggregator",
+                     f"jacobian_wrt: features needs a Gramian-based aggregator; allowed: {', '.join(GRAMIAN_AGGREGATORS)}")
+            _require(mtl.jacobian_sync == "global", "mtl.jacobian_sync",
+                     "jacobian_wrt: features always reduces the (tiny) Gramian globally; use global")
         try:  # builds it once: a missing optional package or a bad argument fails here, not mid-run
             make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, len(cfg.tasks))
         except AggregatorUnavailable as e:

@@ -21,7 +21,7 @@ from .config import Config, TrainConfig, dump_yaml
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
 from .distributed import Distributed
 from .aggregation import build_aggregation
-from .engine import BACKWARDS, BackwardEngine
+from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError
 from .models import MultiTaskModel, build_model
 from .tasks import Task
@@ -69,9 +69,9 @@ def train(cfg: Config) -> TrainResult:
     schedule = Schedule(cfg)
     aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
                  if cfg.mtl.aggregator != "none" else None)
-    engines: dict[str, BackwardEngine] = {
-        name: BACKWARDS[name](dist, model, data.tasks, weighting, aggregate, cfg.mtl.jacobian_sync)
-        for name in schedule.backwards}
+    options = JacobianOptions(cfg.mtl.jacobian_sync, cfg.mtl.jacobian_method, cfg.mtl.jacobian_wrt)
+    engines = {name: build_engine(name, dist, model, data.tasks, weighting, aggregate, options)
+               for name in schedule.backwards}
 
     # Resume: the sampler needs no state (its position is a function of the step).
     start = 0

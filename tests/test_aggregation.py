@@ -131,3 +131,38 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
             assert first[f"cos/{a}__{b}"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
     weights = [first[f"agg_weight/{n}"] for n in names]
     assert all(w >= 0 for w in weights) and sum(weights) > 0  # UPGrad's weights are non-negative
+
+
+@pytest.mark.slow
+def test_batched_jacobian_equals_the_loop(jac_config):
+    tmp, config = jac_config
+    overrides = ["mtl.backward=jacobian", "mtl.aggregator=upgrad"]
+    loop = launch(config, tmp / "loop", overrides + ["mtl.jacobian_method=loop"]).check()
+    batched = launch(config, tmp / "batched", overrides + ["mtl.jacobian_method=batched"]).check()
+    assert max_relative_difference(loop.output_dir / "final/model.safetensors",
+                                   batched.output_dir / "final/model.safetensors") <= 1e-6
+
+
+@pytest.mark.slow
+def test_feature_jacobian_is_exact_across_ranks_and_cheap_to_communicate(jac_config):
+    """The MGDA-UB route: 2 processes with accumulation equal 1 process; the traffic is sum's plus a
+    T x T float64 Gramian; and it really is a different (approximate) update than the params route."""
+    tmp, config = jac_config
+    overrides = ["mtl.backward=jacobian", "mtl.aggregator=upgrad", "mtl.jacobian_wrt=features", "log.comm_bytes=true"]
+    one = launch(config, tmp / "feat-1", overrides).check()
+    two = launch(config, tmp / "feat-2", overrides + ["train.grad_accum=2"], nproc=2).check()
+    assert_ranks_identical(two, 2)
+    assert max_relative_difference(two.output_dir / "final/model.safetensors",
+                                   one.output_dir / "final/model.safetensors") <= RTOL
+    from test_engines import MINIMAL_BYTES
+
+    assert {m["perf/comm_bytes"] for m in two.metrics() if "perf/comm_bytes" in m} == {MINIMAL_BYTES["sum"] + 3 * 3 * 8}
+    params = launch(config, tmp / "params-1", overrides[:2]).check()
+    assert max_relative_difference(params.output_dir / "final/model.safetensors",
+                                   one.output_dir / "final/model.safetensors") > 1000 * RTOL
+
+
+def test_feature_jacobian_refuses_aggregators_that_need_the_full_matrix(tmp_path):
+    with pytest.raises(Exception, match="jacobian_wrt: features needs a Gramian-based aggregator; allowed: upgrad"):
+        load_config(write_config(tmp_path / "c.yaml", TINY), ["mtl.backward=jacobian", "mtl.aggregator=config",
+                                                              "mtl.jacobian_wrt=features"], world_size=1)

@@ -43,7 +43,7 @@ def one_step(setup, mode: str, scaler, batch=None):
     dist.accelerator.scaler = scaler
     model, optimizer = dist.accelerator.prepare(model, optimizer)
     engine = BACKWARDS[mode](dist, model, data.tasks, build_weighting(cfg),
-                             build_aggregation("sum", {}, len(data.tasks), cfg.seed), "global")
+                             build_aggregation("sum", {}, len(data.tasks), cfg.seed))
 
     def update(task=None):
         optimizer.step()

@@ -6,13 +6,19 @@
 | per_task   | T (retained graph)             | all trainable parameters, one collective      |
 | alternate  | T forwards and T backwards     | T x (encoder + one head), one per task step   |
 | jacobian   | T encoder + 1 head backward    | global: T x encoder + heads; local: as sum    |
+| jacobian, wrt features | 1 batched head pass + 1 | T^2 (Gramian) + all trainable parameters  |
 """
 
 from __future__ import annotations
 
 from .alternate import AlternateEngine
-from .base import Batch, BackwardEngine, Piece, Update
+from ..aggregation import Aggregation
+from ..distributed import Distributed
+from ..tasks import Task
+from ..weighting import Weighting
+from .base import Batch, BackwardEngine, JacobianOptions, Piece, Update
 from .jacobian import JacobianEngine
+from .jacobian_features import FeatureJacobianEngine
 from .per_task import PerTaskEngine
 from .sum import SumEngine
 
@@ -23,5 +29,14 @@ BACKWARDS: dict[str, type[BackwardEngine]] = {
     "jacobian": JacobianEngine,
 }
 
-__all__ = ["BACKWARDS", "Batch", "Piece", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine",
+
+
+def build_engine(name: str, dist: Distributed, model, tasks: list[Task], weighting: Weighting,
+                 aggregate: Aggregation | None, options: JacobianOptions) -> BackwardEngine:
+    """The engine registered as ``name``; ``jacobian`` with ``wrt: features`` is the MGDA-UB route."""
+    cls = FeatureJacobianEngine if name == "jacobian" and options.wrt == "features" else BACKWARDS[name]
+    return cls(dist, model, tasks, weighting, aggregate, options)
+
+
+__all__ = ["BACKWARDS", "Batch", "Piece", "FeatureJacobianEngine", "JacobianOptions", "build_engine", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine",
            "SumEngine"]

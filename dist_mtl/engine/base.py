@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..aggregation import Aggregation
 from ..distributed import Distributed
 from ..tasks import Task
 from ..weighting import Weighting
@@ -21,6 +23,28 @@ Update = Callable[..., None]
 per-task step (the ``alternate`` engine), so the trainer can apply that task's learning rate."""
 
 
+@dataclass(frozen=True)
+class JacobianOptions:
+    """How the ``jacobian`` engine computes and synchronises per-task gradients (``mtl.jacobian_*``)."""
+
+    sync: str = "global"
+    method: str = "auto"
+    wrt: str = "params"
+
+
+def conflict_stats(gram: Tensor, active: list[str], weights: Tensor | None) -> dict[str, Tensor]:
+    """Per-task gradient norms, pairwise cosines (conflict) and the aggregator's effective task weights
+    from a Gramian G = J J^T of per-task gradients."""
+    gram = gram.double()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    stats = {f"grad_norm/{name}": norms[i] for i, name in enumerate(active)}
+    stats.update({f"cos/{a}__{b}": cos[i, j] for i, a in enumerate(active) for j, b in enumerate(active) if i < j})
+    if weights is not None:
+        stats.update({f"agg_weight/{name}": weights[i] for i, name in enumerate(active)})
+    return stats
+
+
 class BackwardEngine:
     """Turns one optimizer step's micro-batches into synchronised gradients and applies them.
 
@@ -30,10 +54,10 @@ class BackwardEngine:
     """
 
     def __init__(self, dist: Distributed, model: nn.Module, tasks: list[Task], weighting: Weighting,
-                 aggregate: Callable[[Tensor, int], Tensor] | None = None, jacobian_sync: str = "global") -> None:
+                 aggregate: Aggregation | None = None, jacobian: JacobianOptions = JacobianOptions()) -> None:
         self.dist, self.model, self.tasks, self.weighting = dist, model, tasks, weighting
         self.module = dist.accelerator.unwrap_model(model)
-        self.aggregate, self.jacobian_sync = aggregate, jacobian_sync
+        self.aggregate, self.options = aggregate, jacobian
         self.by_name = {task.name: task for task in tasks}
         self.stats: dict[str, Tensor] = {}
         """Diagnostics of the last step (this rank's values; the trainer averages them over ranks)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Batch, BackwardEngine, Update
+from .base import Batch, BackwardEngine, Update, conflict_stats
 
 
 class JacobianEngine(BackwardEngine):
@@ -38,24 +38,21 @@ class JacobianEngine(BackwardEngine):
             for batch in micro_batches:
                 losses = self.losses(batch)
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
-                for i, name in enumerate(active):
-                    grads = torch.autograd.grad(self._scaled(terms[name] / accum), shared, retain_graph=True,
-                                                allow_unused=True)
-                    jacobian[i] += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                              for g, p in zip(grads, shared)])
+                jacobian += self._task_gradients([self._scaled(terms[name] / accum) for name in active], shared)
                 torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
                 for name, loss in losses.items():
                     totals[name] = totals.get(name, 0.0) + loss.detach() / accum
 
         scale = self._loss_scale()
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
-        if self.jacobian_sync == "global":
+        if self.options.sync == "global":
             self.dist.all_reduce_grads_([jacobian, *head_grads])
         jacobian /= scale
         combined = self.aggregate(jacobian, step) * scale
-        if self.jacobian_sync != "global":
+        if self.options.sync != "global":
             self.dist.all_reduce_grads_([combined, *head_grads])
-        self.stats = self._conflict_stats(jacobian, active)
+        # T^2 P flops, cheap next to T backward passes; local sync gives this rank's values
+        self.stats = conflict_stats(jacobian @ jacobian.T, active, self.aggregate.last_weights)
         for p, g in zip(heads, head_grads):
             p.grad = g
         offset = 0
@@ -65,20 +62,21 @@ class JacobianEngine(BackwardEngine):
         update()
         return totals
 
-    def _conflict_stats(self, jacobian: Tensor, active: list[str]) -> dict[str, Tensor]:
-        """Per-task gradient norms on the shared parameters, pairwise cosines (conflict) and the
-        aggregator's effective task weights, from the Gramian J J^T (T^2 P flops: cheap next to
-        the T backward passes). With global sync these are global values; with local sync they are
-        this rank's, and the trainer averages them over ranks."""
-        gram = (jacobian @ jacobian.T).double()
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-        stats = {f"grad_norm/{name}": norms[i] for i, name in enumerate(active)}
-        stats.update({f"cos/{a}__{b}": cos[i, j] for i, a in enumerate(active) for j, b in enumerate(active) if i < j})
-        weights = getattr(self.aggregate, "last_weights", None)
-        if weights is not None:
-            stats.update({f"agg_weight/{name}": weights[i] for i, name in enumerate(active)})
-        return stats
+    def _task_gradients(self, terms: list[Tensor], shared: list[Tensor]) -> Tensor:
+        """The T x P matrix of each term's gradient of the shared parameters: T ``autograd.grad``
+        calls (LibMTL's loop) or one vmap-batched call over the rows of I_T (torchjd's way)."""
+        batched = self.options.method == "batched" or (self.options.method == "auto" and self.dist.device.type == "cuda")
+        if batched:
+            stacked = torch.stack(terms)
+            grads = torch.autograd.grad(stacked, shared, grad_outputs=torch.eye(len(terms), device=stacked.device),
+                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return torch.cat([(g if g is not None else stacked.new_zeros(len(terms), *p.shape)).reshape(len(terms), -1)
+                              for g, p in zip(grads, shared)], dim=1)
+        rows = []
+        for term in terms:
+            grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
+        return torch.stack(rows)
 
     def _scaled(self, loss: Tensor) -> Tensor:
         """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""

@@ -1,0 +1,68 @@
+"""``jacobian`` with ``jacobian_wrt: features``: task weights from gradients of the encoder OUTPUT.
+
+The cheaper route of MGDA-UB (Sener & Koltun 2018): instead of T backward passes through the encoder,
+take each task's gradient with respect to the shared representation Z (one vmap-batched call through
+the heads only), form their Gramian G = J_Z J_Z^T, let a Gramian-based aggregator turn G into task
+weights w, and run ONE backward of sum_t w_t L_t through the encoder. It approximates aggregating
+parameter gradients (the exact ``jacobian_wrt: params``), and is far cheaper for deep encoders.
+
+Exact across ranks: the rows of the global J_Z concatenate every rank's samples, so the global
+Gramian is the sum of the ranks' Gramians. Each rank's local gradients are ``world`` times the
+global per-sample ones (local means over fewer samples), hence G = sum_r G_r / world^2. Only T x T
+numbers are all-reduced for the weights, then the gradients once, as ``sum`` does.
+
+Gradient accumulation keeps every micro-step's graph until the weights are known (they depend on
+all micro-steps): memory grows with ``grad_accum``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Batch, BackwardEngine, Update, conflict_stats
+
+
+class FeatureJacobianEngine(BackwardEngine):
+    def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
+        accum, index = len(micro_batches), {name: i for i, name in enumerate(active)}
+        gram = torch.zeros(len(active), len(active), dtype=torch.float64, device=self.dist.device)
+        retained: list[dict[str, Tensor]] = []
+        totals: dict[str, Tensor] = {}
+        for batch in micro_batches:
+            terms: dict[str, Tensor] = {}
+            for x, targets in batch:
+                with self.dist.accelerator.autocast():
+                    features = self.module.encoder(x)
+                    names = [n for n in targets if n in index]
+                    outputs = {n: self.module.heads[n](features) for n in targets}
+                losses = {n: self.by_name[n].loss(outputs[n], targets[n]) for n in targets}
+                for name, loss in losses.items():
+                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+                if not names:
+                    continue
+                piece_terms = self.weighting.terms({n: losses[n] for n in names}, step)
+                stacked = torch.stack([piece_terms[n] / accum for n in names])
+                (grads,) = torch.autograd.grad(stacked, features, grad_outputs=torch.eye(len(names), device=x.device),
+                                               retain_graph=True, is_grads_batched=True)
+                rows = grads.reshape(len(names), -1).double()
+                where = torch.tensor([index[n] for n in names], device=gram.device)
+                gram[where[:, None], where[None, :]] += rows @ rows.T  # tasks on other pieces: 0
+                terms.update({n: piece_terms[n] / accum for n in names})
+            retained.append(terms)
+
+        self.dist.all_reduce_grads_([gram])  # the mean over ranks ...
+        gram /= self.dist.world_size  # ... divided by world is sum_r G_r / world^2, the global Gramian
+        weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
+        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
+        heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
+        for m, terms in enumerate(retained):
+            last = m == len(retained) - 1
+            weighted = sum(weights[index[n]] * t for n, t in terms.items())
+            # The encoder follows the weighted objective; each head follows its own task's loss.
+            self.backward(weighted, inputs=shared, retain_graph=True)
+            self.backward(sum(terms.values()), inputs=heads, retain_graph=not last)
+        self.reduce_grads(self.trainable(active))
+        self.stats = conflict_stats(gram, active, weights)
+        update()
+        return totals
