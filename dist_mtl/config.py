@@ -238,6 +238,9 @@ class LogConfig:
     """W&B run name. Default: the output directory's name."""
     progress: bool = True
     """Show a progress bar on the main process."""
+    grad_conflict: bool = False
+    """In modes other than ``jacobian`` (which always logs them), also log per-task gradient norms
+    and cosines at log steps. Costs T extra gradient passes and a T x encoder all-reduce per log step."""
     comm_bytes: bool = False
     """Log ``perf/comm_bytes``: gradient bytes all-reduced in each logged optimizer step (adds a
     counting hook to DDP's all-reduce; a debugging and benchmarking aid)."""

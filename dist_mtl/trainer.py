@@ -99,17 +99,19 @@ def train(cfg: Config) -> TrainResult:
                 progress.write(f"step {step}: phase {phase.index} (backward={phase.backward}, tasks={list(phase.tasks)})")
         tic, bytes_before = time.perf_counter(), dist.grad_bytes
         active = task_sampler.active(step, phase.tasks)
-        losses = train_step(cfg, dist, engines[phase.backward], active, model, optimizer, scheduler, loader, step)
         done = step + 1
+        log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
+        probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
+        losses = train_step(cfg, dist, engines[phase.backward], active, model, optimizer, scheduler, loader, step, probe)
 
-        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+        if log_now:
             record = _train_record(cfg, dist, losses, weighting, active, loader, done, time.perf_counter() - tic)
             if schedule.phases:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
                 record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
             stats = engines[phase.backward].stats
-            if stats:
+            if stats and (phase.backward == "jacobian" or probe):
                 record.update(zip(stats, dist.mean(torch.stack(list(stats.values())).double()).tolist()))
             tracker.log(record)
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
@@ -139,10 +141,13 @@ def train(cfg: Config) -> TrainResult:
 
 
 def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: list[str], model: nn.Module,
-               optimizer, scheduler, loader: StepLoader, step: int) -> dict[str, Tensor]:
+               optimizer, scheduler, loader: StepLoader, step: int, probe: bool = False) -> dict[str, Tensor]:
     """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
-    training the ``active`` tasks. Returns each task's loss on this rank (mean over its micro-batches)."""
+    training the ``active`` tasks. Returns each task's loss on this rank (mean over its micro-batches).
+    ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
     micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
+    if probe:
+        engine.probe_conflict(step, micro_batches, active)
 
     def update(task: str | None = None) -> None:
         # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.

@@ -110,6 +110,9 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     run = launch(config, tmp_path / "out", ["mtl.backward=jacobian", "mtl.aggregator=upgrad", "log.every=1"],
                  nproc=2).check()
+    # the opt-in probe in another mode measures the same thing (before its own update)
+    probed = launch(config, tmp_path / "probe", ["mtl.backward=per_task", "log.grad_conflict=true", "log.every=1",
+                                                 "train.grad_accum=2"], nproc=2).check()
     cfg = load_config(config, [], world_size=1)
     group = prepare(cfg).groups[0]
     torch.manual_seed(cfg.seed)
@@ -122,13 +125,14 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
         grads = torch.autograd.grad(task.loss(outputs[task.name], targets[task.name]), shared, retain_graph=True)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     jac = torch.stack(rows).double()
-    first = run.metrics()[0]
     names = [t.name for t in group.tasks]
-    for i, a in enumerate(names):
-        assert first[f"grad_norm/{a}"] == pytest.approx(jac[i].norm().item(), rel=1e-5)
-        for j, b in enumerate(names[i + 1:], start=i + 1):
-            cos = (jac[i] @ jac[j] / (jac[i].norm() * jac[j].norm())).item()
-            assert first[f"cos/{a}__{b}"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    for first in (run.metrics()[0], probed.metrics()[0]):
+        for i, a in enumerate(names):
+            assert first[f"grad_norm/{a}"] == pytest.approx(jac[i].norm().item(), rel=1e-5)
+            for j, b in enumerate(names[i + 1:], start=i + 1):
+                cos = (jac[i] @ jac[j] / (jac[i].norm() * jac[j].norm())).item()
+                assert first[f"cos/{a}__{b}"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    first = run.metrics()[0]
     weights = [first[f"agg_weight/{n}"] for n in names]
     assert all(w >= 0 for w in weights) and sum(weights) > 0  # UPGrad's weights are non-negative
 

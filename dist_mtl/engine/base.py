@@ -45,6 +45,23 @@ def conflict_stats(gram: Tensor, active: list[str], weights: Tensor | None) -> d
     return stats
 
 
+def task_jacobian(terms: list[Tensor], shared: list[Tensor], batched: bool) -> Tensor:
+    """The T x P matrix of each term's gradient of the ``shared`` parameters: T ``autograd.grad``
+    calls (LibMTL's loop), or one vmap-batched call over the rows of I_T (torchjd's way). The graph
+    is retained; ``.grad`` is not touched."""
+    if batched:
+        stacked = torch.stack(terms)
+        grads = torch.autograd.grad(stacked, shared, grad_outputs=torch.eye(len(terms), device=stacked.device),
+                                    retain_graph=True, allow_unused=True, is_grads_batched=True)
+        return torch.cat([(g if g is not None else stacked.new_zeros(len(terms), *p.shape)).reshape(len(terms), -1)
+                          for g, p in zip(grads, shared)], dim=1)
+    rows = []
+    for term in terms:
+        grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
+    return torch.stack(rows)
+
+
 class BackwardEngine:
     """Turns one optimizer step's micro-batches into synchronised gradients and applies them.
 
@@ -66,6 +83,26 @@ class BackwardEngine:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns
         each task's mean loss on this rank over its micro-batches (detached)."""
         raise NotImplementedError
+
+    @property
+    def batched(self) -> bool:
+        """Whether per-task gradients use one vmap-batched call (``mtl.jacobian_method``)."""
+        method = self.options.method
+        return method == "batched" or (method == "auto" and self.dist.device.type == "cuda")
+
+    def probe_conflict(self, step: int, micro_batches: list[Batch], active: list[str]) -> None:
+        """Opt-in diagnostics for the engines that never form per-task gradients (``log.grad_conflict``):
+        T extra gradient passes and one T x shared all-reduce, at log steps only. Fills ``stats``
+        with global per-task gradient norms and cosines of this step's batch, before its update."""
+        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
+        jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
+        with self.local():
+            for batch in micro_batches:
+                losses = self.losses(batch, only=active)
+                terms = self.weighting.terms(losses, step)
+                jacobian += task_jacobian([terms[n] / len(micro_batches) for n in active], shared, self.batched)
+        jacobian = self.dist.all_reduce_sum(jacobian) / self.dist.world_size  # diagnostics: not counted
+        self.stats = conflict_stats(jacobian @ jacobian.T, active, None)
 
     # -- helpers shared by the engines -----------------------------------------------------------
     def losses(self, batch: Batch, only: list[str] | None = None) -> dict[str, Tensor]:

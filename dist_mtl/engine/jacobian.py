@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Batch, BackwardEngine, Update, conflict_stats
+from .base import Batch, BackwardEngine, Update, conflict_stats, task_jacobian
 
 
 class JacobianEngine(BackwardEngine):
@@ -38,7 +38,8 @@ class JacobianEngine(BackwardEngine):
             for batch in micro_batches:
                 losses = self.losses(batch)
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
-                jacobian += self._task_gradients([self._scaled(terms[name] / accum) for name in active], shared)
+                jacobian += task_jacobian([self._scaled(terms[name] / accum) for name in active], shared,
+                                          self.batched)
                 torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
                 for name, loss in losses.items():
                     totals[name] = totals.get(name, 0.0) + loss.detach() / accum
@@ -61,22 +62,6 @@ class JacobianEngine(BackwardEngine):
             offset += p.numel()
         update()
         return totals
-
-    def _task_gradients(self, terms: list[Tensor], shared: list[Tensor]) -> Tensor:
-        """The T x P matrix of each term's gradient of the shared parameters: T ``autograd.grad``
-        calls (LibMTL's loop) or one vmap-batched call over the rows of I_T (torchjd's way)."""
-        batched = self.options.method == "batched" or (self.options.method == "auto" and self.dist.device.type == "cuda")
-        if batched:
-            stacked = torch.stack(terms)
-            grads = torch.autograd.grad(stacked, shared, grad_outputs=torch.eye(len(terms), device=stacked.device),
-                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
-            return torch.cat([(g if g is not None else stacked.new_zeros(len(terms), *p.shape)).reshape(len(terms), -1)
-                              for g, p in zip(grads, shared)], dim=1)
-        rows = []
-        for term in terms:
-            grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
-        return torch.stack(rows)
 
     def _scaled(self, loss: Tensor) -> Tensor:
         """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""
