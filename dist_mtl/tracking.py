@@ -37,6 +37,20 @@ def _json_value(value):
     return value
 
 
+def cosine_table(cosines: dict[str, float]) -> tuple[list[str], list[list]]:
+    """``{"cos/a__b": c}`` as a full symmetric matrix: columns ``["task", a, b, ...]``, one row per task."""
+    tasks: list[str] = []
+    for key in cosines:
+        for name in key[len("cos/"):].split("__"):
+            if name not in tasks:
+                tasks.append(name)
+    value = {(a, a): 1.0 for a in tasks}
+    for key, c in cosines.items():
+        a, b = key[len("cos/"):].split("__")
+        value[(a, b)] = value[(b, a)] = c
+    return ["task", *tasks], [[a, *(value[(a, b)] for b in tasks)] for a in tasks]
+
+
 class Tracker:
     """Writes metric records to metrics.jsonl and W&B, on the main process only."""
 
@@ -87,12 +101,20 @@ class Tracker:
         os.replace(tmp, self.metrics_path)
 
     def log(self, record: dict) -> None:
-        """Write one record (it must hold ``step``) to metrics.jsonl and W&B."""
+        """Write one record (it must hold ``step``) to metrics.jsonl and W&B. At eval records, W&B
+        also gets the latest task-gradient cosine matrix as a table (``conflict/cosine``)."""
         if not self.active:
             return
         self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+        cosines = {k: v for k, v in record.items() if k.startswith("cos/")}
+        if cosines:
+            self._last_cosines = cosines
         if self.use_wandb:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            if getattr(self, "_last_cosines", None) and any(k.startswith("eval/") for k in record):
+                columns, rows = cosine_table(self._last_cosines)
+                self.accelerator.get_tracker("wandb").log_table("conflict/cosine", columns=columns, data=rows,
+                                                               step=record["step"])
 
     def finish(self) -> None:
         if not self.active:

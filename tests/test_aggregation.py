@@ -170,3 +170,30 @@ def test_feature_jacobian_refuses_aggregators_that_need_the_full_matrix(tmp_path
     with pytest.raises(Exception, match="jacobian_wrt: features needs a Gramian-based aggregator; allowed: upgrad"):
         load_config(write_config(tmp_path / "c.yaml", TINY), ["mtl.backward=jacobian", "mtl.aggregator=config",
                                                               "mtl.jacobian_wrt=features"], world_size=1)
+
+
+def test_cosine_table_is_the_symmetric_matrix():
+    from dist_mtl.tracking import cosine_table
+
+    columns, rows = cosine_table({"cos/a__b": 0.5, "cos/a__c": -0.25, "cos/b__c": 0.0})
+    assert columns == ["task", "a", "b", "c"]
+    assert rows == [["a", 1.0, 0.5, -0.25], ["b", 0.5, 1.0, 0.0], ["c", -0.25, 0.0, 1.0]]
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_diagnostics_and_a_cosine_table_at_eval_steps(jac_config):
+    from wandb_reader import find_run_files, read_history
+
+    tmp, config = jac_config
+    run = launch(config, tmp / "wandb", ["mtl.backward=jacobian", "mtl.aggregator=mgda", "log.wandb=offline",
+                                         "train.eval_every=5"]).check()
+    (history_file,) = find_run_files(run.output_dir)
+    rows = read_history(history_file)
+    # wandb 0.31 stores a table as nested keys: conflict/cosine/_type, .../path, .../nrows
+    tables = {row["_step"]: row for row in rows if "conflict/cosine/_type" in row}
+    assert sorted(tables) == [5, 10] and all("table" in t["conflict/cosine/_type"] for t in tables.values())
+    assert all(t["conflict/cosine/nrows"] == 3 for t in tables.values())
+    logged = {row["_step"]: row for row in rows if "cos/t0__t1" in row}
+    line = [m for m in run.metrics() if "cos/t0__t1" in m][-1]
+    assert logged[line["step"]]["cos/t0__t1"] == pytest.approx(line["cos/t0__t1"], rel=1e-12)
+    assert logged[line["step"]]["agg_weight/t2"] == pytest.approx(line["agg_weight/t2"], rel=1e-12)
