@@ -62,6 +62,8 @@ class Variant:
         self.aggregate = build_aggregation(aggregator, {}, len(data.tasks), 0) if aggregator else None
         self.engine = None if engine is None else build_engine(
             engine, dist, model, data.tasks, build_weighting(cfg), self.aggregate, JacobianOptions("global", method, wrt))
+        if self.engine is not None:
+            self.engine.collect_stats = False  # as in training between log steps; the baseline has none
 
     def update(self, task: str | None = None) -> None:
         self.optimizer.step()

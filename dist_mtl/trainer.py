@@ -102,6 +102,7 @@ def train(cfg: Config) -> TrainResult:
         done = step + 1
         log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
         probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
+        engines[phase.backward].collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
         losses = train_step(cfg, dist, engines[phase.backward], active, model, optimizer, scheduler, loader, step, probe)
 
         if log_now:
@@ -136,6 +137,7 @@ def train(cfg: Config) -> TrainResult:
     if dist.is_main:
         _write_final(dist, model, run_dir, data, final_eval, digests)
     tracker.finish()
+    del engines, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
     dist.shutdown()
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
 

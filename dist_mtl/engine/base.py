@@ -78,6 +78,8 @@ class BackwardEngine:
         self.by_name = {task.name: task for task in tasks}
         self.stats: dict[str, Tensor] = {}
         """Diagnostics of the last step (this rank's values; the trainer averages them over ranks)."""
+        self.collect_stats = True
+        """Whether ``run`` fills ``stats``; the trainer turns it on for log steps only."""
 
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns

@@ -63,6 +63,7 @@ class FeatureJacobianEngine(BackwardEngine):
             self.backward(weighted, inputs=shared, retain_graph=True)
             self.backward(sum(terms.values()), inputs=heads, retain_graph=not last)
         self.reduce_grads(self.trainable(active))
-        self.stats = conflict_stats(gram, active, weights)
+        if self.collect_stats:
+            self.stats = conflict_stats(gram, active, weights)
         update()
         return totals
