@@ -55,7 +55,12 @@ class MultiTaskModel(nn.Module):
         return {name: self.heads[name](features) for name in names}
 
     def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's trainable parameters, in a fixed order."""
         return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def head_parameters(self, tasks: list[str]) -> list[nn.Parameter]:
+        """The trainable parameters of these tasks' heads, in the order given."""
+        return [p for name in tasks for p in self.heads[name].parameters() if p.requires_grad]
 
 
 def build_model(cfg: ModelConfig, input_dim: int, head_dims: dict[str, int]) -> MultiTaskModel:

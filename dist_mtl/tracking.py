@@ -58,6 +58,7 @@ class Tracker:
         self.cfg, self.accelerator, self.active = cfg, accelerator, is_main
         self.use_wandb = cfg.log.wandb != "disabled"
         self.metrics_path = run_dir / "metrics.jsonl"
+        self._last_cosines: dict[str, float] = {}
         if not self.active:
             return
         self._truncate_after(resume_step)
@@ -111,7 +112,7 @@ class Tracker:
             self._last_cosines = cosines
         if self.use_wandb:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-            if getattr(self, "_last_cosines", None) and any(k.startswith("eval/") for k in record):
+            if self._last_cosines and any(k.startswith("eval/") for k in record):
                 columns, rows = cosine_table(self._last_cosines)
                 self.accelerator.get_tracker("wandb").log_table("conflict/cosine", columns=columns, data=rows,
                                                                step=record["step"])

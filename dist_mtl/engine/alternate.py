@@ -21,13 +21,13 @@ from .base import Batch, BackwardEngine, Update
 class AlternateEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        totals = self.zeros(active)
+        totals: dict[str, Tensor] = {}
         for name in active:
             with self.local():
                 for batch in micro_batches:
-                    loss = self.losses(batch, only=[name])[name]
-                    self.backward(self.weighting.terms({name: loss}, step)[name] / accum)
-                    totals[name] += loss.detach() / accum  # the task's loss before its own update
+                    losses = self.losses(batch, only=[name])
+                    self.backward(self.weighting.terms(losses, step)[name] / accum)
+                    self.accumulate(totals, losses, accum)  # the task's loss before its own update
             self.reduce_grads(self.trainable([name]))
             update(task=name)
         return totals

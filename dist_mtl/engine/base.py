@@ -96,7 +96,7 @@ class BackwardEngine:
         """Opt-in diagnostics for the engines that never form per-task gradients (``log.grad_conflict``):
         T extra gradient passes and one T x shared all-reduce, at log steps only. Fills ``stats``
         with global per-task gradient norms and cosines of this step's batch, before its update."""
-        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
+        shared = self.module.shared_parameters()
         jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
         with self.local():
             for batch in micro_batches:
@@ -118,8 +118,11 @@ class BackwardEngine:
                 losses.update({name: self.by_name[name].loss(outputs[name], targets[name]) for name in names})
         return losses
 
-    def zeros(self, names) -> dict[str, Tensor]:
-        return {name: torch.zeros((), device=self.dist.device) for name in names}
+    @staticmethod
+    def accumulate(totals: dict[str, Tensor], losses: dict[str, Tensor], accum: int) -> None:
+        """Add each loss (detached) / ``accum`` to ``totals``: the mean over micro-steps."""
+        for name, loss in losses.items():
+            totals[name] = totals.get(name, 0.0) + loss.detach() / accum
 
     def local(self) -> AbstractContextManager:
         """Forward and backward without DDP's reducer: DDP decides in forward what to all-reduce, so
@@ -127,13 +130,9 @@ class BackwardEngine:
         that back-propagate more than once work locally and reduce once with ``reduce_grads``."""
         return self.dist.accelerator.no_sync(self.model)
 
-    def trainable(self, active: list[str] | None = None) -> list[nn.Parameter]:
-        """Encoder parameters plus the heads of ``active`` tasks (all tasks if None), in a fixed order."""
-        names = self.by_name if active is None else active
-        params = list(self.module.encoder.parameters())
-        for name in names:
-            params.extend(self.module.heads[name].parameters())
-        return [p for p in params if p.requires_grad]
+    def trainable(self, active: list[str]) -> list[nn.Parameter]:
+        """Encoder parameters plus the heads of ``active`` tasks, in a fixed order."""
+        return self.module.shared_parameters() + self.module.head_parameters(active)
 
     def reduce_grads(self, params: list[nn.Parameter]) -> None:
         """One coalesced all-reduce (mean over ranks) of these parameters' gradients. A parameter

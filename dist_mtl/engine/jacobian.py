@@ -30,8 +30,7 @@ from .base import Batch, BackwardEngine, Update, conflict_stats, task_jacobian
 class JacobianEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
-        heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
+        shared, heads = self.module.shared_parameters(), self.module.head_parameters(active)
         jacobian: Tensor | None = None  # T x P; the first micro-step's matrix is used as is (no extra pass)
         totals: dict[str, Tensor] = {}
         with self.local():
@@ -41,8 +40,7 @@ class JacobianEngine(BackwardEngine):
                 rows = task_jacobian([self._scaled(terms[name] / accum) for name in active], shared, self.batched)
                 jacobian = rows if jacobian is None else jacobian.add_(rows)
                 torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
-                for name, loss in losses.items():
-                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+                self.accumulate(totals, losses, accum)
 
         scale = self._loss_scale()
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]

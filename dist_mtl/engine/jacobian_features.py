@@ -37,8 +37,7 @@ class FeatureJacobianEngine(BackwardEngine):
                     names = [n for n in targets if n in index]
                     outputs = {n: self.module.heads[n](features) for n in targets}
                 losses = {n: self.by_name[n].loss(outputs[n], targets[n]) for n in targets}
-                for name, loss in losses.items():
-                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+                self.accumulate(totals, losses, accum)
                 if not names:
                     continue
                 piece_terms = self.weighting.terms({n: losses[n] for n in names}, step)
@@ -54,8 +53,7 @@ class FeatureJacobianEngine(BackwardEngine):
         self.dist.all_reduce_grads_([gram])  # the mean over ranks ...
         gram /= self.dist.world_size  # ... divided by world is sum_r G_r / world^2, the global Gramian
         weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
-        shared = [p for p in self.module.encoder.parameters() if p.requires_grad]
-        heads = [p for name in active for p in self.module.heads[name].parameters() if p.requires_grad]
+        shared, heads = self.module.shared_parameters(), self.module.head_parameters(active)
         for m, terms in enumerate(retained):
             last = m == len(retained) - 1
             weighted = sum(weights[index[n]] * t for n, t in terms.items())

@@ -23,8 +23,7 @@ class PerTaskEngine(BackwardEngine):
                 terms = self.weighting.terms({name: losses[name] for name in active}, step)
                 for i, name in enumerate(active):
                     self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
-                for name, loss in losses.items():
-                    totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+                self.accumulate(totals, losses, accum)
         self.reduce_grads(self.trainable(active))
         update()
         return totals

@@ -32,8 +32,7 @@ class SumEngine(BackwardEngine):
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 objective = self.weighting.combine({name: losses[name] for name in active}, step)
                 self.backward(objective / accum)
-            for name, loss in losses.items():
-                totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+            self.accumulate(totals, losses, accum)
         if not use_ddp:
             self.reduce_grads(self.trainable(active))
         update()
