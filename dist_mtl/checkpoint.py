@@ -3,8 +3,9 @@
 Layout of ``checkpoints/step_<N>/``:
   model.safetensors      unwrapped model state (names stable across world sizes)
   optimizer.pt           optimizer state, loaded back with ``weights_only=True`` (no pickled code)
-  trainer_state.json     step, scheduler, weighting and whatever else the trainer registers
+  trainer_state.json     step, lr scheduler, schedule phase and whatever else the trainer registers
   aggregator.safetensors a stateful aggregator's state (GradVac's EMA targets, Nash-MTL's warm start)
+  weighting.pt           each weighting method's state: learned weights, their optimizer, loss history
   rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
 
 A checkpoint is written under ``.partial-step_<N>`` and renamed to ``step_<N>`` by the main process
@@ -76,9 +77,11 @@ def find_resume_path(resume: str, output_dir: str) -> Path | None:
 
 
 def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
-         tensors: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
+         tensors: dict[str, dict[str, torch.Tensor]], keep: int, objects: dict[str, dict] | None = None) -> Path:
     """Write a checkpoint for ``step`` collectively; returns its final path. ``state`` goes to
-    trainer_state.json; each ``tensors[name]`` (identical on every rank) to ``<name>.safetensors``."""
+    trainer_state.json; each ``tensors[name]`` (identical on every rank) to ``<name>.safetensors``;
+    each ``objects[name]`` (nested dicts of tensors and numbers, such as a weighting method's
+    parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``."""
     final = root / f"step_{step}"
     partial = root / f".partial-step_{step}"
     if dist.is_main:
@@ -96,6 +99,8 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         for name, group in tensors.items():
             save_file({k: v.contiguous() for k, v in group.items()}, str(partial / f"{name}.safetensors"))
+        for name, obj in (objects or {}).items():
+            torch.save(obj, partial / f"{name}.pt")
         _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
     dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if dist.is_main:
@@ -125,6 +130,8 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
     state = json.loads((path / STATE_FILE).read_text())
     state["tensors"] = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")
                         if f.name != "model.safetensors" and not f.name.startswith("rng_rank")}
+    state["objects"] = {f.stem: torch.load(f, weights_only=True, map_location="cpu")
+                        for f in path.glob("*.pt") if f.name != "optimizer.pt"}
     dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -116,20 +117,29 @@ class ModelConfig:
 
 @dataclass
 class PhaseConfig:
-    """One training phase of ``mtl.schedule``. Phases run in order; steps after the last phase's
-    ``until_step`` use the top-level ``mtl`` settings."""
+    """One training phase of ``mtl.schedule``. Phases run in order; a phase ends at ``until_step``,
+    when ``until_loss`` is reached, or at whichever comes first if both are given. After the last
+    phase ends, training continues with the top-level ``mtl`` settings."""
 
     until_step: int | None = None
-    """The phase ends before this optimizer step (0-based count of completed steps); omit it on the
-    last phase to run to the end."""
+    """The phase ends before this optimizer step (0-based count of completed steps)."""
+    until_loss: dict[str, float] | None = None
+    """The phase ends after the first step at which every listed task's *global* training loss
+    (mean over the last ``loss_window`` steps, reduced across ranks) is below its threshold, e.g.
+    ``{price: 0.1}``. Every rank sees the same reduced values, so every rank switches at the same step.
+    The listed tasks must train during the phase."""
+    loss_window: int = 1
+    """Steps averaged for ``until_loss`` (1: the step's own global batch loss; more smooths the noise)."""
     backward: str | None = None
     """Backward engine during the phase. Default: ``mtl.backward``."""
+    weighting: str | None = None
+    """Loss weighting during the phase. Default: ``mtl.weighting``. Phases that name the same method
+    with the same arguments share one instance, so its state carries over."""
+    weighting_args: dict[str, Any] | None = None
+    """Arguments of the phase's weighting. Default: ``mtl.weighting_args`` if the phase uses
+    ``mtl.weighting``, else none."""
     tasks: list[str] | None = None
     """Tasks trained during the phase (the others are still evaluated and logged). Default: all."""
-    until_loss: dict[str, float] | None = None
-    """Not supported yet: threshold switches come with the weighting and schedules issue."""
-    weighting: str | None = None
-    """Not supported yet: per-phase weighting comes with the weighting and schedules issue."""
 
 
 @dataclass
@@ -139,7 +149,10 @@ class MTLConfig:
     backward: str = "sum"
     """Backward engine: how task losses become synchronised gradients."""
     weighting: str = "equal"
-    """Loss-level weighting method."""
+    """Loss-level weighting method (see README, "Weighting the task losses")."""
+    weighting_args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the weighting method, e.g. ``{temperature: 2}`` for dwa; unknown keys are
+    refused with the list of allowed ones."""
     weights: dict[str, float] = field(default_factory=dict)
     """Per-task static weights for ``weighting: static``; they override ``tasks[].weight``."""
     aggregator: str = "none"
@@ -164,8 +177,9 @@ class MTLConfig:
     sampling_alpha: float = 1.0
     """Temperature of the size-proportional draw: 1 = proportional to size, 0 = uniform."""
     schedule: list[PhaseConfig] = field(default_factory=list)
-    """Training phases, e.g. ``[{until_step: 200, backward: sum}, {backward: per_task}]``. The phase
-    is a function of the step only, so every rank switches at the same step."""
+    """Training phases, e.g. ``[{until_step: 200, backward: sum}, {backward: per_task}]`` or
+    ``[{until_loss: {price: 0.1}, tasks: [price]}]``. Switches depend only on the step and on
+    globally reduced losses, so every rank switches at the same step."""
 
 
 @dataclass
@@ -460,16 +474,42 @@ def _resolve_paths(data: dict, base: Path) -> None:
             block["path"] = str((base / path).resolve())
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_config_file(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file with its ``extends: <file>`` chain applied (paths relative to each file), and
+    relative data paths made absolute against the file that names them."""
+    path = Path(path).resolve()
+    if path in chain:
+        raise ConfigError("extends", f"{path} extends itself (through {' -> '.join(p.name for p in chain)})")
+    data = read_yaml(path)
+    _resolve_paths(data, path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError("extends", f"{path.name}: must be the path of another config file, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError("extends", f"{path.name}: config file not found: {parent_path}")
+    return _merge(read_config_file(parent_path, (*chain, path)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
     """Load a YAML config, apply dotted overrides, and validate it.
 
-    Relative data paths in the file are relative to the file; those given as overrides are
+    A file may start from another with ``extends: <file>`` (mappings merge, lists are replaced).
+    Relative data paths in a file are relative to that file; those given as overrides are
     relative to the working directory. ``world_size`` defaults to ``$WORLD_SIZE`` (1 if unset) and
     is used to check that the global batch divides evenly.
     """
-    data = read_yaml(path) if path is not None else {}
-    if path is not None:
-        _resolve_paths(data, Path(path).resolve().parent)
+    data = read_config_file(path) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     _resolve_paths(data, Path.cwd())
@@ -501,6 +541,13 @@ def _check_name(name: str, registry: dict, key: str) -> None:
         close = difflib.get_close_matches(name, list(registry), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(key, f"unknown name {name!r}{hint}; allowed: {', '.join(sorted(registry))}")
+
+
+def _check_weighting(cfg: Config, name: str, args: dict, key: str) -> None:
+    """Builds the weighting once, so a bad argument exits 2 here rather than mid-run."""
+    from .weighting import build_weighting
+
+    build_weighting(name, args, cfg, key=key)
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -553,15 +600,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"must be between 1 and the number of tasks ({len(cfg.tasks)}), got {mtl.tasks_per_step}")
     _require(mtl.sampling_alpha >= 0, "mtl.sampling_alpha", f"must be >= 0, got {mtl.sampling_alpha}")
     modes = {mtl.backward}
+    weightings = [(mtl.weighting, mtl.weighting_args, "mtl.weighting_args")]  # built once train.* is checked
     previous = 0
     for i, phase in enumerate(mtl.schedule):
         key = f"mtl.schedule[{i}]"
-        _require(phase.until_loss is None, f"{key}.until_loss",
-                 "threshold switches are not supported yet; use until_step")
-        _require(phase.weighting is None, f"{key}.weighting", "per-phase weighting is not supported yet")
-        if phase.until_step is None:
-            _require(i == len(mtl.schedule) - 1, f"{key}.until_step", "only the last phase may omit until_step")
-        else:
+        if phase.until_step is None and phase.until_loss is None:
+            _require(i == len(mtl.schedule) - 1, f"{key}.until_step",
+                     "only the last phase may omit both until_step and until_loss")
+        if phase.until_step is not None:
             _require(phase.until_step > previous, f"{key}.until_step",
                      f"must be greater than the previous phase's end ({previous}), got {phase.until_step}")
             previous = phase.until_step
@@ -573,6 +619,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             _require(len(set(phase.tasks)) == len(phase.tasks), f"{key}.tasks", f"lists a task twice: {phase.tasks}")
             for name in phase.tasks:
                 _check_name(name, {t: None for t in seen}, f"{key}.tasks")
+        if phase.until_loss is not None:
+            _require(bool(phase.until_loss), f"{key}.until_loss", "must map at least one task to a loss threshold")
+            trained = phase.tasks or [t.name for t in cfg.tasks]
+            for name, threshold in phase.until_loss.items():
+                _check_name(name, {t: None for t in seen}, f"{key}.until_loss.{name}")
+                _require(name in trained, f"{key}.until_loss.{name}",
+                         f"task {name!r} does not train in this phase (tasks: {trained}); its loss is not measured")
+                _require(math.isfinite(threshold) and threshold > 0, f"{key}.until_loss.{name}",
+                         f"must be a positive loss, got {threshold}")
+        _require(phase.loss_window >= 1, f"{key}.loss_window", f"must be a positive number of steps, got {phase.loss_window}")
+        if phase.weighting is not None:
+            _check_name(phase.weighting, WEIGHTINGS, f"{key}.weighting")
+        _require(phase.weighting_args is None or phase.weighting is not None, f"{key}.weighting_args",
+                 "needs the phase's own weighting (set weighting too, or use mtl.weighting_args)")
+        if phase.weighting is not None:
+            weightings.append((phase.weighting, phase.weighting_args or {}, f"{key}.weighting_args"))
     if "jacobian" in modes:
         _require(mtl.aggregator != "none", "mtl.aggregator",
                  f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
@@ -619,6 +681,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.resume in ("auto", "none") or os.path.isdir(t.resume), "train.resume",
              f"must be auto, none or an existing checkpoint directory; {t.resume!r} not found")
     _require(cfg.log.every > 0, "log.every", f"must be a positive integer, got {cfg.log.every}")
+    for name, args, key in weightings:
+        _check_weighting(cfg, name, args, key)
     _require(bool(cfg.output_dir), "output_dir", "must not be empty")
 
 

@@ -384,6 +384,11 @@ class StepLoader:
         """Epochs of the first dataset completed after ``step`` optimizer steps."""
         return self.samplers[0].epoch(step)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of the first dataset (rounded, at least 1)."""
+        return max(1, round(self.samplers[0].num_rows / self.samplers[0].batch_size))
+
     def micro_batches(self, step: int, rank: int, world: int, accum: int, active: list[str],
                       device: torch.device) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
         batches: list[list] = [[] for _ in range(accum)]

@@ -58,6 +58,11 @@ class MultiTaskModel(nn.Module):
         """The encoder's trainable parameters, in a fixed order."""
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The weight matrix of the encoder's last linear (or convolutional) layer: GradNorm's W."""
+        layers = [m for m in self.encoder.modules() if getattr(m, "weight", None) is not None and m.weight.dim() >= 2]
+        return [layers[-1].weight]
+
     def head_parameters(self, tasks: list[str]) -> list[nn.Parameter]:
         """The trainable parameters of these tasks' heads, in the order given."""
         return [p for name in tasks for p in self.heads[name].parameters() if p.requires_grad]

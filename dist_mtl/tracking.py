@@ -117,6 +117,12 @@ class Tracker:
                 self.accelerator.get_tracker("wandb").log_table("conflict/cosine", columns=columns, data=rows,
                                                                step=record["step"])
 
+    def log_event(self, event: str, record: dict) -> None:
+        """An event (e.g. a phase switch) for metrics.jsonl only: W&B shows it through the ``phase``
+        metric of the train records, since a W&B step cannot go back."""
+        if self.active:
+            self._file.write(json.dumps({"event": event, **{k: _json_value(v) for k, v in record.items()}}) + "\n")
+
     def finish(self) -> None:
         if not self.active:
             return

@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .models import MultiTaskModel, build_model
 from .tasks import Task
 from .tracking import Tracker
 from .schedule import Schedule, TaskSampler
-from .weighting import Weighting, build_weighting
+from .weighting import StepResult, Weighting, build_weighting
 
 
 @dataclass
@@ -65,20 +65,27 @@ def train(cfg: Config) -> TrainResult:
     model, optimizer = dist.accelerator.prepare(model, optimizer)
     if cfg.log.comm_bytes:
         dist.count_ddp_traffic(model)
-    weighting = build_weighting(cfg)
+    # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
+    # share the instance and its state).
     schedule = Schedule(cfg)
+    weightings = {key: build_weighting(name, args, cfg, dist.device, steps_per_epoch=loader.steps_per_epoch)
+                  for key, (name, args) in schedule.weightings.items()}
     aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
                  if cfg.mtl.aggregator != "none" else None)
     options = JacobianOptions(cfg.mtl.jacobian_sync, cfg.mtl.jacobian_method, cfg.mtl.jacobian_wrt)
-    engines = {name: build_engine(name, dist, model, data.tasks, weighting, aggregate, options)
-               for name in schedule.backwards}
+    engines = {phase.index: build_engine(phase.backward, dist, model, data.tasks, weightings[phase.weighting],
+                                         aggregate, options) for phase in schedule.all_phases}
 
     # Resume: the sampler needs no state (its position is a function of the step).
     start = 0
     if resume_path is not None:
         state = checkpoint.load(dist, resume_path, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
-        weighting.load_state_dict(state["weighting"])
+        for key, weighting_state in state["objects"].get("weighting", {}).items():
+            if key in weightings:
+                weightings[key].load_state_dict(weighting_state)
+        if "schedule" in state:
+            schedule.load_state_dict(state["schedule"])
         if aggregate is not None:
             aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
         start = state["step"]
@@ -91,27 +98,31 @@ def train(cfg: Config) -> TrainResult:
 
     progress = _progress_bar(cfg, dist, start)
     final_eval: dict[str, float] = {}
-    phase = schedule.at(start)
     for step in range(start, cfg.train.max_steps):
-        if schedule.at(step) != phase:  # a function of the step: every rank switches here together
-            phase = schedule.at(step)
-            if dist.is_main:
-                progress.write(f"step {step}: phase {phase.index} (backward={phase.backward}, tasks={list(phase.tasks)})")
+        for switch in schedule.begin(step):  # a function of the step: every rank switches here together
+            _log_switch(tracker, progress, switch)
+        phase = schedule.current
+        engine, weighting = engines[phase.index], weightings[phase.weighting]
         tic, bytes_before = time.perf_counter(), dist.grad_bytes
         active = task_sampler.active(step, phase.tasks)
         done = step + 1
         log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
         probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
-        engines[phase.backward].collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
-        losses = train_step(cfg, dist, engines[phase.backward], active, model, optimizer, scheduler, loader, step, probe)
+        engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
+        result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
+                            need_global_losses=log_now or schedule.watches_losses(), probe=probe)
+        for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
+            switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
+            _log_switch(tracker, progress, switch)
 
         if log_now:
-            record = _train_record(cfg, dist, losses, weighting, active, loader, done, time.perf_counter() - tic)
+            record = _train_record(cfg, result, active, loader, done, time.perf_counter() - tic)
+            record.update(weighting.diagnostics())
             if schedule.phases:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
                 record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
-            stats = engines[phase.backward].stats
+            stats = engine.stats
             if stats and (phase.backward == "jacobian" or probe):
                 record.update(zip(stats, dist.mean(torch.stack(list(stats.values())).double()).tolist()))
             tracker.log(record)
@@ -125,9 +136,10 @@ def train(cfg: Config) -> TrainResult:
             dist.check_consistent(model, done)
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps:
             checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
-                            {"scheduler": scheduler.state_dict(), "weighting": weighting.state_dict()},
+                            {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict()},
                             {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
-                            cfg.train.keep_checkpoints)
+                            cfg.train.keep_checkpoints,
+                            objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}})
         progress.update(1)
     progress.close()
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
@@ -137,19 +149,33 @@ def train(cfg: Config) -> TrainResult:
     if dist.is_main:
         _write_final(dist, model, run_dir, data, final_eval, digests)
     tracker.finish()
-    del engines, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
+    del engines, weightings, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
     dist.shutdown()
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
 
 
-def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: list[str], model: nn.Module,
-               optimizer, scheduler, loader: StepLoader, step: int, probe: bool = False) -> dict[str, Tensor]:
+@dataclass
+class StepOutput(StepResult):
+    """What one optimizer step produced: the weighting's global view plus this rank's own."""
+
+    local_losses: dict[str, Tensor] = field(default_factory=dict)
+    """This rank's mean loss of each task over its micro-batches."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """The weights the step trained with."""
+
+
+def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting: Weighting, active: list[str],
+               model: nn.Module, optimizer, scheduler, loader: StepLoader, step: int,
+               need_global_losses: bool = True, probe: bool = False) -> StepOutput:
     """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
-    training the ``active`` tasks. Returns each task's loss on this rank (mean over its micro-batches).
+    training the ``active`` tasks with ``weighting``, whose inputs are reduced across ranks first.
     ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
     micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
     if probe:
         engine.probe_conflict(step, micro_batches, active)
+    if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
+        weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
+    weights = weighting.weights(step)
 
     def update(task: str | None = None) -> None:
         # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.
@@ -161,12 +187,40 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, active: l
             dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        weighting.update_parameters()  # learned weights (their gradients were reduced with the model's)
         encoder["lr"] = scheduled_lr
 
     model.train()
     losses = engine.run(step, micro_batches, update, active)
     scheduler.step()
-    return losses
+
+    out = StepOutput(step, active=list(active), local_losses=losses, weights=weights)
+    if need_global_losses or weighting.uses_losses:
+        out.losses = _global(dist, losses)
+    task_grads = engine.take_task_grads()
+    if task_grads:  # GradNorm: the norm of the GLOBAL gradient, not of each rank's (T x |W| numbers)
+        dist.all_reduce_grads_(list(task_grads.values()))
+        out.task_grads = task_grads
+    if weighting.needs_batch_losses:
+        out.losses_after = _global(dist, engine.batch_losses(micro_batches, active))
+    weighting.end_step(out)
+    return out
+
+
+def _global(dist: Distributed, losses: dict[str, Tensor]) -> dict[str, float]:
+    """Each task's mean over ranks (every rank holds the same tasks in the same order: one collective)."""
+    names = list(losses)
+    if not names:
+        return {}
+    return dict(zip(names, dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()))
+
+
+def _log_switch(tracker: Tracker, progress, switch: dict) -> None:
+    """A phase switch: a line on the console and an ``event: phase_switch`` record in metrics.jsonl."""
+    if tracker.active:
+        progress.write(f"step {switch['step']}: phase {switch['phase']} (backward={switch['backward']}, "
+                       f"weighting={switch['weighting']}, tasks={switch['tasks']}) after {switch['reason']}")
+    tracker.log_event("phase_switch", switch)
 
 
 @torch.no_grad()
@@ -225,19 +279,16 @@ def build_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t, step))
 
 
-def _train_record(cfg: Config, dist: Distributed, losses: dict[str, Tensor], weighting: Weighting, active: list[str],
-                  loader: StepLoader, done: int, step_time: float) -> dict:
+def _train_record(cfg: Config, result: StepOutput, active: list[str], loader: StepLoader, done: int,
+                  step_time: float) -> dict:
     """The global view of a step: per-task losses averaged over ranks (each rank's value is already
-    the mean over its micro-steps, and all pieces are the same size). Every rank computed the same
-    tasks, so the reduction has the same layout everywhere. Tasks not trained at this step (schedule
-    phase, task sampling) have weight 0."""
-    names = list(losses)
-    global_losses = dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()
-    weights = {n: (w if n in active else 0.0) for n, w in weighting.weights(done - 1).items()}
+    the mean over its micro-steps, and all pieces are the same size), and the weights the step used.
+    Tasks not trained at this step (schedule phase, task sampling) have weight 0."""
+    weights = {n: (w if n in active else 0.0) for n, w in result.weights.items()}
     record = {"step": done, "epoch": loader.epoch(done), "samples": done * cfg.train.batch_size}
-    record.update({f"loss/{n}": v for n, v in zip(names, global_losses)})
+    record.update({f"loss/{n}": v for n, v in result.losses.items()})
     record.update({f"weight/{n}": float(w) for n, w in weights.items()})
-    record["train/loss"] = sum(weights[n] * v for n, v in zip(names, global_losses))
+    record["train/loss"] = sum(weights[n] * v for n, v in result.losses.items())
     record["lr"] = cfg.train.lr * lr_factor(cfg.train, done - 1)  # the encoder's lr during this step
     record["perf/step_time_s"] = step_time
     record["perf/samples_per_s"] = cfg.train.batch_size / step_time if step_time > 0 else 0.0

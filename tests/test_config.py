@@ -85,7 +85,7 @@ def test_literal_lists_allowed_values(tmp_path):
 
 @pytest.mark.parametrize("override, key, listed", [
     ("model.encoder=transformer", "model.encoder", "mlp"),
-    ("mtl.weighting=gradnorn", "mtl.weighting", "equal, static"),
+    ("mtl.weighting=gradnorn", "mtl.weighting", "dwa, equal, famo, gradnorm, learnable, rlw, static, uncertainty"),
     ("mtl.backward=magic", "mtl.backward", "sum"),
     ("model.activation=swish", "model.activation", "gelu, relu, silu, tanh"),
 ])
@@ -193,27 +193,60 @@ def test_jacobian_needs_a_known_aggregator(tmp_path):
 
 @pytest.mark.parametrize("schedule, fragment", [
     ([{"until_step": 5}, {"until_step": 5}], "mtl.schedule[1].until_step: must be greater than the previous phase's end (5)"),
-    ([{"backward": "sum"}, {"until_step": 9}], "mtl.schedule[0].until_step: only the last phase may omit until_step"),
+    ([{"backward": "sum"}, {"until_step": 9}],
+     "mtl.schedule[0].until_step: only the last phase may omit both until_step and until_loss"),
     ([{"until_step": 5, "backward": "per-task"}], "mtl.schedule[0].backward: unknown name 'per-task' (did you mean 'per_task'?)"),
     ([{"until_step": 5, "tasks": ["t0", "t7"]}], "mtl.schedule[0].tasks: unknown name 't7'"),
     ([{"until_step": 5, "tasks": []}], "mtl.schedule[0].tasks: must name at least one task"),
     ([{"until_step": 5, "backward": "jacobian"}], "mtl.aggregator: backward 'jacobian' needs an aggregator"),
-    ([{"until_loss": {"t0": 0.1}}], "mtl.schedule[0].until_loss: threshold switches are not supported yet"),
+    ([{"until_loss": {"t9": 0.1}}], "mtl.schedule[0].until_loss.t9: unknown name 't9'"),
+    ([{"until_loss": {"t0": 0.1}, "tasks": ["t1"]}], "mtl.schedule[0].until_loss.t0: task 't0' does not train in this phase"),
+    ([{"until_loss": {"t0": -1}}], "mtl.schedule[0].until_loss.t0: must be a positive loss, got -1"),
+    ([{"until_loss": {}}], "mtl.schedule[0].until_loss: must map at least one task"),
+    ([{"until_loss": {"t0": 0.1}, "loss_window": 0}], "mtl.schedule[0].loss_window: must be a positive number"),
+    ([{"until_step": 5, "weighting": "dwaa"}], "mtl.schedule[0].weighting: unknown name 'dwaa' (did you mean 'dwa'?)"),
+    ([{"until_step": 5, "weighting_args": {"temperature": 1}}], "mtl.schedule[0].weighting_args: needs the phase's own"),
+    ([{"until_step": 5, "weighting": "dwa", "weighting_args": {"temprature": 1}}],
+     "mtl.schedule[0].weighting_args.temprature: unknown argument (did you mean 'temperature'?) for weighting 'dwa'"),
     ([{"until_step": 5, "bakward": "sum"}], "mtl.schedule[0].bakward: unknown key (did you mean 'mtl.schedule[0].backward'?)"),
 ])
 def test_schedule_errors(tmp_path, schedule, fragment):
     assert error_of(tmp_path, {**TINY, "mtl": {"schedule": schedule}}).startswith(fragment)
 
 
-def test_schedule_phases_are_a_function_of_the_step(tmp_path):
+def test_step_phases_switch_at_until_step(tmp_path):
     from dist_mtl.schedule import Schedule
 
     cfg = load(tmp_path, {**TINY, "mtl": {"backward": "sum", "schedule": [
         {"until_step": 3, "backward": "per_task", "tasks": ["t1"]}, {"until_step": 6, "backward": "alternate"}]}})
     schedule = Schedule(cfg)
-    assert [schedule.at(s).backward for s in range(8)] == ["per_task"] * 3 + ["alternate"] * 3 + ["sum"] * 2
-    assert schedule.at(0).tasks == ("t1",) and schedule.at(4).tasks == ("t0", "t1", "t2")
-    assert schedule.backwards == {"sum", "per_task", "alternate"}
+    seen = []
+    for step in range(8):
+        schedule.begin(step)
+        seen.append(schedule.current)
+    assert [p.backward for p in seen] == ["per_task"] * 3 + ["alternate"] * 3 + ["sum"] * 2
+    assert seen[0].tasks == ("t1",) and seen[4].tasks == ("t0", "t1", "t2")
+    assert [s["step"] for s in schedule.switches] == [3, 6]
+
+
+def test_loss_threshold_phase_uses_the_window_mean_and_the_step_cap(tmp_path):
+    from dist_mtl.schedule import Schedule
+
+    cfg = load(tmp_path, {**TINY, "mtl": {"schedule": [
+        {"until_loss": {"t0": 1.0, "t1": 2.0}, "loss_window": 2, "tasks": ["t0", "t1"], "weighting": "dwa"},
+        {"until_loss": {"t2": 0.5}, "until_step": 9}]}})
+    schedule = Schedule(cfg)
+    assert schedule.current.weighting == "dwa" and schedule.watches_losses()
+    assert schedule.observe(0, {"t0": 0.5, "t1": 1.0}) == []  # window not full yet
+    assert schedule.observe(1, {"t0": 1.4, "t1": 3.0}) == []  # t0's mean 0.95 < 1, but t1's is 2.0 ...
+    switch, = schedule.observe(2, {"t0": 0.2, "t1": 0.5})  # ... and now both window means are below
+    assert switch["step"] == 3 and switch["phase"] == 1 and "t0 0.8 < 1" in switch["reason"]
+    assert schedule.current.weighting == "equal"
+    assert schedule.observe(3, {"t2": 0.9}) == [] and schedule.begin(8) == []
+    assert schedule.begin(9)[0]["reason"] == "until_step 9" and schedule.current.index == -1
+    restored = Schedule(cfg)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.current == schedule.current and restored.switches == schedule.switches
 
 
 def test_bad_aggregator_arguments_name_the_key(tmp_path):

@@ -26,7 +26,7 @@ class AlternateEngine(BackwardEngine):
             with self.local():
                 for batch in micro_batches:
                     losses = self.losses(batch, only=[name])
-                    self.backward(self.weighting.terms(losses, step)[name] / accum)
+                    self.backward(self.weighted_terms(losses, step, accum)[name] / accum)
                     self.accumulate(totals, losses, accum)  # the task's loss before its own update
             self.reduce_grads(self.trainable([name]))
             update(task=name)

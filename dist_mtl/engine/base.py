@@ -80,6 +80,7 @@ class BackwardEngine:
         """Diagnostics of the last step (this rank's values; the trainer averages them over ranks)."""
         self.collect_stats = True
         """Whether ``run`` fills ``stats``; the trainer turns it on for log steps only."""
+        self._task_grads: dict[str, Tensor] = {}
 
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns
@@ -106,7 +107,44 @@ class BackwardEngine:
         jacobian = self.dist.all_reduce_sum(jacobian) / self.dist.world_size  # diagnostics: not counted
         self.stats = conflict_stats(jacobian @ jacobian.T, active, None)
 
+    @torch.no_grad()
+    def batch_losses(self, micro_batches: list[Batch], active: list[str]) -> dict[str, Tensor]:
+        """This rank's mean loss of each active task over the step's micro-batches, in eval mode and
+        without a graph (FAMO measures its batch before and after the update this way)."""
+        totals: dict[str, Tensor] = {}
+        self.module.eval()
+        for batch in micro_batches:
+            for x, targets in batch:
+                names = [name for name in targets if name in active]
+                if names:
+                    with self.dist.accelerator.autocast():
+                        outputs = self.module(x, tasks=names)
+                    self.accumulate(totals, {n: self.by_name[n].loss(outputs[n], targets[n]) for n in names},
+                                    len(micro_batches))
+        self.module.train()
+        return totals
+
+    def take_task_grads(self) -> dict[str, Tensor]:
+        """Each task's gradient of the last shared layer accumulated by ``weighted_terms`` (this
+        rank's mean over micro-steps), and reset."""
+        grads, self._task_grads = self._task_grads, {}
+        return grads
+
     # -- helpers shared by the engines -----------------------------------------------------------
+    def weighted_terms(self, losses: dict[str, Tensor], step: int, accum: int) -> dict[str, Tensor]:
+        """The weighting's terms for these losses. For GradNorm, also each task's gradient of the
+        last shared layer (T backward passes through the heads and that layer only; the graph is
+        retained), accumulated for ``take_task_grads``."""
+        if self.weighting.needs_task_grads:
+            layer = self.module.last_shared_parameters()
+            scale = self._loss_scale()
+            for name, loss in losses.items():
+                grads = torch.autograd.grad(self._scaled(loss), layer, retain_graph=True, allow_unused=True)
+                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, layer)])
+                flat = flat.float() / (scale * accum)
+                self._task_grads[name] = self._task_grads[name] + flat if name in self._task_grads else flat
+        return self.weighting.terms(losses, step)
+
     def losses(self, batch: Batch, only: list[str] | None = None) -> dict[str, Tensor]:
         """Each task's mean loss on its piece of ``batch``: one forward per piece, through the heads
         of the tasks it carries (restricted to ``only`` if given)."""
@@ -130,9 +168,10 @@ class BackwardEngine:
         that back-propagate more than once work locally and reduce once with ``reduce_grads``."""
         return self.dist.accelerator.no_sync(self.model)
 
-    def trainable(self, active: list[str]) -> list[nn.Parameter]:
-        """Encoder parameters plus the heads of ``active`` tasks, in a fixed order."""
-        return self.module.shared_parameters() + self.module.head_parameters(active)
+    def trainable(self, active: list[str]) -> list[Tensor]:
+        """Encoder parameters, the heads of ``active`` tasks and the weighting's learnable
+        parameters for them (uncertainty, learnable), in a fixed order."""
+        return self.module.shared_parameters() + self.module.head_parameters(active) + self.weighting.parameters(active)
 
     def reduce_grads(self, params: list[nn.Parameter]) -> None:
         """One coalesced all-reduce (mean over ranks) of these parameters' gradients. A parameter
@@ -147,3 +186,12 @@ class BackwardEngine:
     def backward(self, loss: Tensor, **kwargs) -> None:
         """``loss.backward`` through Accelerate, which applies the fp16 loss scale when there is one."""
         self.dist.accelerator.backward(loss, **kwargs)
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""
+        scaler = self.dist.accelerator.scaler
+        return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+
+    def _loss_scale(self) -> float:
+        scaler = self.dist.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0

@@ -30,13 +30,14 @@ from .base import Batch, BackwardEngine, Update, conflict_stats, task_jacobian
 class JacobianEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        shared, heads = self.module.shared_parameters(), self.module.head_parameters(active)
+        shared = self.module.shared_parameters()
+        heads = self.module.head_parameters(active) + self.weighting.parameters(active)  # + learned weights
         jacobian: Tensor | None = None  # T x P; the first micro-step's matrix is used as is (no extra pass)
         totals: dict[str, Tensor] = {}
         with self.local():
             for batch in micro_batches:
                 losses = self.losses(batch)
-                terms = self.weighting.terms({name: losses[name] for name in active}, step)
+                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 rows = task_jacobian([self._scaled(terms[name] / accum) for name in active], shared, self.batched)
                 jacobian = rows if jacobian is None else jacobian.add_(rows)
                 torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
@@ -64,12 +65,3 @@ class JacobianEngine(BackwardEngine):
             offset += p.numel()
         update()
         return totals
-
-    def _scaled(self, loss: Tensor) -> Tensor:
-        """The loss times the fp16 loss scale, through the scaler (which also initialises it)."""
-        scaler = self.dist.accelerator.scaler
-        return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
-
-    def _loss_scale(self) -> float:
-        scaler = self.dist.accelerator.scaler
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0

@@ -40,7 +40,7 @@ class FeatureJacobianEngine(BackwardEngine):
                 self.accumulate(totals, losses, accum)
                 if not names:
                     continue
-                piece_terms = self.weighting.terms({n: losses[n] for n in names}, step)
+                piece_terms = self.weighted_terms({n: losses[n] for n in names}, step, accum)
                 stacked = torch.stack([piece_terms[n] / accum for n in names])
                 (grads,) = torch.autograd.grad(stacked, features, grad_outputs=torch.eye(len(names), device=x.device),
                                                retain_graph=True, is_grads_batched=True)
@@ -53,7 +53,8 @@ class FeatureJacobianEngine(BackwardEngine):
         self.dist.all_reduce_grads_([gram])  # the mean over ranks ...
         gram /= self.dist.world_size  # ... divided by world is sum_r G_r / world^2, the global Gramian
         weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
-        shared, heads = self.module.shared_parameters(), self.module.head_parameters(active)
+        shared = self.module.shared_parameters()
+        heads = self.module.head_parameters(active) + self.weighting.parameters(active)  # + learned weights
         for m, terms in enumerate(retained):
             last = m == len(retained) - 1
             weighted = sum(weights[index[n]] * t for n, t in terms.items())

@@ -20,7 +20,7 @@ class PerTaskEngine(BackwardEngine):
         with self.local():
             for batch in micro_batches:
                 losses = self.losses(batch)
-                terms = self.weighting.terms({name: losses[name] for name in active}, step)
+                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 for i, name in enumerate(active):
                     self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
                 self.accumulate(totals, losses, accum)

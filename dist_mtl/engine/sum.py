@@ -19,7 +19,10 @@ from .base import Batch, BackwardEngine, Update
 class SumEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
-        use_ddp = all(len(batch) == 1 for batch in micro_batches) and len(active) == len(self.tasks)
+        # GradNorm's per-task gradients of the last layer are extra autograd.grad calls on the graph
+        # that DDP's reducer is watching: that step runs locally, with the same single reduction.
+        use_ddp = (all(len(batch) == 1 for batch in micro_batches) and len(active) == len(self.tasks)
+                   and not self.weighting.needs_task_grads)
         totals: dict[str, Tensor] = {}
         for m, batch in enumerate(micro_batches):
             if not use_ddp:
@@ -30,10 +33,13 @@ class SumEngine(BackwardEngine):
                 losses = self.losses(batch)
                 # Each piece holds the same number of samples, so averaging the per-piece means
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
-                objective = self.weighting.combine({name: losses[name] for name in active}, step)
+                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
+                objective = sum(terms.values())
                 self.backward(objective / accum)
             self.accumulate(totals, losses, accum)
         if not use_ddp:
             self.reduce_grads(self.trainable(active))
+        elif self.weighting.parameters(active):  # learned weights are not in DDP's buckets: T numbers
+            self.reduce_grads(self.weighting.parameters(active))
         update()
         return totals

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from ..config import Config
-from .base import Weighting
+from typing import Any
+
+import torch
+
+from .base import StepResult, Weighting
+from .dwa import DWAWeighting
 from .equal import EqualWeighting
+from .famo import FAMOWeighting
+from .gradnorm import GradNormWeighting
+from .learnable import LearnableWeighting
+from .rlw import RandomWeighting
 from .static import StaticWeighting
+from .uncertainty import UncertaintyWeighting
 
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    "equal": EqualWeighting,
-    "static": StaticWeighting,
-}
-
-
-def build_weighting(cfg: Config) -> Weighting:
-    """The weighting named by ``cfg.mtl.weighting`` (validated against WEIGHTINGS by the config)."""
-    return WEIGHTINGS[cfg.mtl.weighting](cfg.task_names, cfg)
+WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (
+    EqualWeighting, StaticWeighting, UncertaintyWeighting, DWAWeighting, GradNormWeighting, RandomWeighting,
+    FAMOWeighting, LearnableWeighting)}
 
 
-__all__ = ["WEIGHTINGS", "Weighting", "build_weighting"]
+def build_weighting(name: str, args: dict[str, Any], cfg, device: torch.device = torch.device("cpu"),
+                    key: str = "mtl.weighting_args", steps_per_epoch: int = 1) -> Weighting:
+    """The weighting registered as ``name`` for ``cfg.tasks`` (unknown names are refused by the config)."""
+    return WEIGHTINGS[name](cfg.tasks, args, cfg, device, key, steps_per_epoch)
+
+
+__all__ = ["WEIGHTINGS", "StepResult", "Weighting", "build_weighting"]

@@ -1,0 +1,75 @@
+"""``famo``: Fast Adaptive Multitask Optimization (Liu, Liu, Jin, Stone & Liu, NeurIPS 2023).
+
+Task logits xi (initially 0), z = softmax(xi). The model descends sum_t z_t * log L_t, normalised:
+
+    d = sum_t (z_t / (c * L_t)) grad L_t,   c = sum_t z_t / L_t
+
+so the effective weight of task t is z_t / (c L_t) (the weights sum to 1, as in the paper). After
+the update, with L'_t the loss of the *same* batch under the new parameters, the logits move by
+Adam (``lr``, weight decay ``gamma``) along the gradient
+J_softmax(xi)^T delta,  delta_t = log L_t - log L'_t: a task whose loss fell the most loses weight.
+(``eps`` is added to every loss before the log, as in the reference code; the tasks' minimum losses
+are taken to be 0.)
+
+Exact under DDP: the weights need each task's *global* loss of this batch before the backward pass,
+and delta needs the global loss after the update. The trainer measures both with no-grad forward
+passes in eval mode (two extra forwards per step, no dropout noise in delta) and all-reduces them
+(T numbers each). The per-rank version of the research code weights each rank's gradient by its
+own losses, which is neither the global objective nor identical across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import LearnedScalars, StepResult, Weighting
+
+
+class FAMOWeighting(Weighting):
+    name = "famo"
+    defaults = {"lr": 0.025, "gamma": 0.01, "eps": 1e-8}
+    needs_batch_losses = True
+
+    def setup(self, cfg) -> None:
+        self.eps = self._number("eps", 0.0, low_open=True)
+        # Updated from global values only, never back-propagated into: T numbers on the CPU.
+        self.logits = LearnedScalars(self.task_names, 0.0, self._number("lr", 0.0, low_open=True),
+                                     torch.device("cpu"), weight_decay=self._number("gamma", 0.0))
+        self.batch_losses: dict[str, float] = {}
+
+    def z(self) -> dict[str, float]:
+        probabilities = torch.softmax(self.logits.vector().detach(), dim=0).tolist()
+        return dict(zip(self.task_names, probabilities))
+
+    def weights(self, step: int) -> dict[str, float]:
+        z = self.z()
+        if not self.batch_losses:  # before a step has measured its batch: the logits' softmax
+            return z
+        d = {name: self.batch_losses[name] + self.eps for name in self.batch_losses}
+        c = sum(z[name] / d[name] for name in d)
+        return {name: (z[name] / (c * d[name]) if name in d else 0.0) for name in self.task_names}
+
+    def begin_step(self, step: int, batch_losses: dict[str, float]) -> None:
+        self.batch_losses = dict(batch_losses)
+
+    def end_step(self, result: StepResult) -> None:
+        names = [name for name in self.task_names if name in self.batch_losses and name in result.losses_after]
+        delta = torch.tensor([math.log(self.batch_losses[n] + self.eps) - math.log(result.losses_after[n] + self.eps)
+                              if n in names else 0.0 for n in self.task_names])
+        logits = self.logits.vector().detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(torch.softmax(logits, dim=0), logits, grad_outputs=delta)
+        self.logits.set_grads(dict(zip(self.task_names, grad.tolist())))
+        self.logits.step()
+
+    def diagnostics(self) -> dict[str, float]:
+        return {f"famo/logit/{name}": value for name, value in self.logits.floats().items()}
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits.state_dict(), "batch_losses": dict(self.batch_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.logits.load_state_dict(state["logits"])
+        self.batch_losses = dict(state["batch_losses"])

@@ -1,0 +1,153 @@
+"""Every weighting method and the loss-threshold schedule on real gloo processes.
+
+- 2 processes with grad_accum 2 give the parameters AND the logged weights of 1 process (relative
+  1e-5), with bitwise identical ranks: nothing a method computes depends on the rank count.
+- A run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted one, for every
+  stateful method (learned weights, their optimizers and loss histories are checkpointed).
+- Learned weights work with every backward engine.
+- A loss threshold switches phase at the same step on every rank, even when the ranks' own losses
+  lie on both sides of the threshold (the switch record carries each rank's local losses to prove it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import TINY, launch, write_config
+from dist_mtl.weighting import WEIGHTINGS
+from test_distributed import RTOL, assert_ranks_identical, max_relative_difference
+
+pytestmark = pytest.mark.slow
+
+# Arguments that make each method move visibly within the tiny run's 20 steps.
+ARGS = {
+    "dwa": ["mtl.weighting_args.window=4"],
+    "gradnorm": ["mtl.weighting_args.lr=0.05"],
+    "learnable": ["mtl.weighting_args.lr=0.05"],
+    "uncertainty": ["mtl.weighting_args.lr=0.05"],
+    "famo": [],
+    "rlw": [],
+    "equal": [],
+    "static": ["mtl.weights.t1=0.5"],
+}
+STATEFUL = ["dwa", "famo", "gradnorm", "learnable", "uncertainty"]
+
+
+def overrides(method: str, *extra: str) -> list[str]:
+    return [f"mtl.weighting={method}", *ARGS[method], "log.every=1", *extra]
+
+
+def weights_series(run) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k.startswith("weight/")} for r in run.metrics() if "weight/t0" in r]
+
+
+def test_every_registered_method_is_covered():
+    assert set(ARGS) == set(WEIGHTINGS)
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHTINGS))
+def test_two_processes_give_the_parameters_and_weights_of_one(tmp_path, method):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    one = launch(config, tmp_path / "p1", overrides(method)).check()
+    two = launch(config, tmp_path / "p2", overrides(method, "train.grad_accum=2"), nproc=2).check()
+    assert_ranks_identical(two, 2)
+    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
+    assert diff <= RTOL, f"{method}: relative parameter difference {diff:.2e}"
+    series_one, series_two = weights_series(one), weights_series(two)
+    assert len(series_one) == len(series_two) == TINY["train"]["max_steps"]
+    for a, b in zip(series_one, series_two):
+        assert b == pytest.approx(a, rel=RTOL)
+    if method not in ("equal", "static"):
+        assert series_one[-1] != series_one[0], "the weights never moved: the test would prove nothing"
+
+
+@pytest.mark.parametrize("method", STATEFUL)
+def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, method):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    args = overrides(method, "train.checkpoint_every=5")
+    straight = launch(config, tmp_path / "straight", args, nproc=2).check()
+    killed = launch(config, tmp_path / "resumed", args, nproc=2, env={"DIST_MTL_FAULT": "kill@12"})
+    assert killed.returncode != 0 and not (tmp_path / "resumed/final").exists()
+    resumed = launch(config, tmp_path / "resumed", args, nproc=2).check()
+    assert resumed.json("run.json")["start_step"] == 10
+    assert (resumed.output_dir / "final/model.safetensors").read_bytes() == \
+        (straight.output_dir / "final/model.safetensors").read_bytes()
+    assert weights_series(resumed) == weights_series(straight)  # the history, too, continued exactly
+    assert (resumed.output_dir / "checkpoints/step_20/weighting.pt").is_file()
+
+
+# (method, engine overrides on 2 processes, engine overrides of the 1-process reference)
+CELLS = {
+    "uncertainty-per_task": ("uncertainty", ["mtl.backward=per_task"], ["mtl.backward=sum"]),
+    "uncertainty-alternate": ("uncertainty", ["mtl.backward=alternate"], ["mtl.backward=alternate"]),
+    "learnable-jacobian": ("learnable", ["mtl.backward=jacobian", "mtl.aggregator=sum"], ["mtl.backward=sum"]),
+    "gradnorm-per_task": ("gradnorm", ["mtl.backward=per_task"], ["mtl.backward=sum"]),
+    "gradnorm-features": ("gradnorm", ["mtl.backward=jacobian", "mtl.aggregator=mgda", "mtl.jacobian_wrt=features"],
+                          ["mtl.backward=jacobian", "mtl.aggregator=mgda", "mtl.jacobian_wrt=features"]),
+    "famo-alternate": ("famo", ["mtl.backward=alternate"], ["mtl.backward=alternate"]),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_weighting_works_with_every_backward_engine(tmp_path, cell):
+    method, engine, reference = CELLS[cell]
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    one = launch(config, tmp_path / "p1", overrides(method, *reference)).check()
+    two = launch(config, tmp_path / "p2", overrides(method, *engine, "train.grad_accum=2"), nproc=2).check()
+    assert_ranks_identical(two, 2)
+    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
+    assert diff <= RTOL, f"{cell}: relative parameter difference {diff:.2e}"
+
+
+# Small, noisy batches: each rank's 4-sample loss scatters widely around the global one.
+THRESHOLD = 0.3
+NOISY = copy.deepcopy(TINY)
+NOISY["data"]["synthetic"]["noise"] = 0.5
+NOISY["train"].update(batch_size=8, max_steps=40)
+NOISY["mtl"]["schedule"] = [{"until_loss": {"t0": THRESHOLD}, "tasks": ["t0"], "backward": "per_task"}]
+
+
+@pytest.fixture(scope="module")
+def threshold_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("threshold")
+    config = write_config(tmp / "noisy.yaml", NOISY)
+    return {"1": launch(config, tmp / "p1", ["log.every=1"]).check(),
+            "2": launch(config, tmp / "p2", ["log.every=1"], nproc=2).check()}
+
+
+def switches(run) -> list[dict]:
+    return [r for r in run.metrics() if r.get("event") == "phase_switch"]
+
+
+def test_threshold_switch_is_decided_on_the_global_loss(threshold_runs):
+    one, two = threshold_runs["1"], threshold_runs["2"]
+    (event,) = switches(two)
+    assert [s["step"] for s in switches(one)] == [event["step"]]
+    assert 0 < event["step"] < NOISY["train"]["max_steps"]
+    assert event["global_losses"]["t0"] < THRESHOLD and event["phase"] == -1 and event["backward"] == "sum"
+    # The premise: at the switch, one rank's own loss was above the threshold and the other's below.
+    local = sorted(rank["t0"] for rank in event["rank_losses"])
+    assert len(local) == 2 and local[0] < THRESHOLD < local[1], f"ranks did not straddle: {local}"
+    # Every step before the switch trained t0 alone; from it on, all tasks (both runs identically).
+    for run in (one, two):
+        phases = {r["step"]: r["phase"] for r in run.metrics() if "phase" in r and "loss/t0" in r}
+        assert all(phases[s] == (0 if s <= event["step"] else -1) for s in phases)
+    assert_ranks_identical(two, 2)
+    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
+    assert diff <= RTOL
+
+
+def test_threshold_schedule_resumes_in_the_right_phase(tmp_path, threshold_runs):
+    config = write_config(tmp_path / "noisy.yaml", NOISY)
+    straight = threshold_runs["1"]
+    at = switches(straight)[0]["step"]
+    kill = at + 3  # the checkpoint before it may lie on either side of the switch: both must work
+    args = ["log.every=1", "train.checkpoint_every=2"]
+    killed = launch(config, tmp_path / "resumed", args, env={"DIST_MTL_FAULT": f"kill@{kill}"})
+    assert killed.returncode == -9
+    resumed = launch(config, tmp_path / "resumed", args).check()
+    assert (resumed.output_dir / "final/model.safetensors").read_bytes() == \
+        (straight.output_dir / "final/model.safetensors").read_bytes()
+    assert [s["step"] for s in switches(resumed)] == [at]  # logged once, not again after the resume
