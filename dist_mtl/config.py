@@ -547,7 +547,7 @@ def _check_weighting(cfg: Config, name: str, args: dict, key: str) -> None:
     """Builds the weighting once, so a bad argument exits 2 here rather than mid-run."""
     from .weighting import build_weighting
 
-    build_weighting(name, args, cfg, key=key)
+    build_weighting(cfg, name, args, key=key)
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

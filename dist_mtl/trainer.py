@@ -68,7 +68,7 @@ def train(cfg: Config) -> TrainResult:
     # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
     # share the instance and its state).
     schedule = Schedule(cfg)
-    weightings = {key: build_weighting(name, args, cfg, dist.device, steps_per_epoch=loader.steps_per_epoch)
+    weightings = {key: build_weighting(cfg, name, args, dist.device, steps_per_epoch=loader.steps_per_epoch)
                   for key, (name, args) in schedule.weightings.items()}
     aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
                  if cfg.mtl.aggregator != "none" else None)

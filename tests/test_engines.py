@@ -155,8 +155,9 @@ def test_phases_switch_engines_at_the_same_step_on_every_rank(runs, tmp_path):
     two = launch(config, tmp_path / "p2", ["log.every=1", "log.comm_bytes=true"], nproc=2).check()
     assert_ranks_identical(two, 2)
     assert_matches(two, one)
-    lines = [m for m in two.metrics() if "phase" in m]
+    lines = [m for m in two.metrics() if "phase" in m and "event" not in m]
     assert [m["phase"] for m in lines] == [0] * 6 + [1] * 7 + [-1] * 7
+    assert [(e["step"], e["phase"]) for e in two.metrics() if e.get("event") == "phase_switch"] == [(6, 1), (13, -1)]
     assert [m["weight/t1"] for m in lines[:7]] == [0.0] * 6 + [1.0]
     bytes_by_phase = {p: {m["perf/comm_bytes"] for m in lines if m["phase"] == p} for p in (0, 1, -1)}
     assert bytes_by_phase == {0: {(ENCODER + HEAD) * FLOAT}, 1: {MINIMAL_BYTES["per_task"]},

@@ -32,7 +32,7 @@ def config(tmp_path, names=("a", "b", "c"), lr=0.01):
 
 
 def make(tmp_path, method, names=("a", "b", "c"), args=None, lr=0.01, steps_per_epoch=3):
-    return build_weighting(method, args or {}, config(tmp_path, names, lr), steps_per_epoch=steps_per_epoch)
+    return build_weighting(config(tmp_path, names, lr), method, args or {}, steps_per_epoch=steps_per_epoch)
 
 
 def inputs(name: str, step: int) -> tuple[float, torch.Tensor, float]:

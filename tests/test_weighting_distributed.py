@@ -43,18 +43,44 @@ def weights_series(run) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if k.startswith("weight/")} for r in run.metrics() if "weight/t0" in r]
 
 
+class Runs:
+    """Launches each (method, processes, engine overrides) cell once, on demand: the 1-process runs
+    are the references of several tests."""
+
+    def __init__(self, tmp) -> None:
+        self.tmp, self.cache = tmp, {}
+        self.config = write_config(tmp / "tiny.yaml", TINY)
+
+    def get(self, method: str, nproc: int = 1, *engine: str):
+        key = (method, nproc, engine)
+        if key not in self.cache:
+            name = "-".join([method, f"p{nproc}", *[e.split("=")[-1] for e in engine]])
+            accum = ["train.grad_accum=2"] if nproc > 1 else []  # rank count AND accumulation invariance
+            self.cache[key] = launch(self.config, self.tmp / name, overrides(method, *engine, *accum),
+                                     nproc=nproc).check()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("weighting"))
+
+
+def assert_matches(run, reference, label: str) -> None:
+    diff = max_relative_difference(run.output_dir / "final/model.safetensors",
+                                   reference.output_dir / "final/model.safetensors")
+    assert diff <= RTOL, f"{label}: relative parameter difference {diff:.2e}"
+
+
 def test_every_registered_method_is_covered():
     assert set(ARGS) == set(WEIGHTINGS)
 
 
 @pytest.mark.parametrize("method", sorted(WEIGHTINGS))
-def test_two_processes_give_the_parameters_and_weights_of_one(tmp_path, method):
-    config = write_config(tmp_path / "tiny.yaml", TINY)
-    one = launch(config, tmp_path / "p1", overrides(method)).check()
-    two = launch(config, tmp_path / "p2", overrides(method, "train.grad_accum=2"), nproc=2).check()
+def test_two_processes_give_the_parameters_and_weights_of_one(runs, method):
+    one, two = runs.get(method, 1), runs.get(method, 2)
     assert_ranks_identical(two, 2)
-    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
-    assert diff <= RTOL, f"{method}: relative parameter difference {diff:.2e}"
+    assert_matches(two, one, method)
     series_one, series_two = weights_series(one), weights_series(two)
     assert len(series_one) == len(series_two) == TINY["train"]["max_steps"]
     for a, b in zip(series_one, series_two):
@@ -64,13 +90,12 @@ def test_two_processes_give_the_parameters_and_weights_of_one(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", STATEFUL)
-def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, method):
-    config = write_config(tmp_path / "tiny.yaml", TINY)
+def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(runs, tmp_path, method):
+    straight = runs.get(method, 1)
     args = overrides(method, "train.checkpoint_every=5")
-    straight = launch(config, tmp_path / "straight", args, nproc=2).check()
-    killed = launch(config, tmp_path / "resumed", args, nproc=2, env={"DIST_MTL_FAULT": "kill@12"})
-    assert killed.returncode != 0 and not (tmp_path / "resumed/final").exists()
-    resumed = launch(config, tmp_path / "resumed", args, nproc=2).check()
+    killed = launch(runs.config, tmp_path / "resumed", args, env={"DIST_MTL_FAULT": "kill@12"})
+    assert killed.returncode == -9 and not (tmp_path / "resumed/final").exists()
+    resumed = launch(runs.config, tmp_path / "resumed", args).check()
     assert resumed.json("run.json")["start_step"] == 10
     assert (resumed.output_dir / "final/model.safetensors").read_bytes() == \
         (straight.output_dir / "final/model.safetensors").read_bytes()
@@ -80,10 +105,10 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_pat
 
 # (method, engine overrides on 2 processes, engine overrides of the 1-process reference)
 CELLS = {
-    "uncertainty-per_task": ("uncertainty", ["mtl.backward=per_task"], ["mtl.backward=sum"]),
+    "uncertainty-per_task": ("uncertainty", ["mtl.backward=per_task"], []),
     "uncertainty-alternate": ("uncertainty", ["mtl.backward=alternate"], ["mtl.backward=alternate"]),
-    "learnable-jacobian": ("learnable", ["mtl.backward=jacobian", "mtl.aggregator=sum"], ["mtl.backward=sum"]),
-    "gradnorm-per_task": ("gradnorm", ["mtl.backward=per_task"], ["mtl.backward=sum"]),
+    "learnable-jacobian": ("learnable", ["mtl.backward=jacobian", "mtl.aggregator=sum"], []),
+    "gradnorm-per_task": ("gradnorm", ["mtl.backward=per_task"], []),
     "gradnorm-features": ("gradnorm", ["mtl.backward=jacobian", "mtl.aggregator=mgda", "mtl.jacobian_wrt=features"],
                           ["mtl.backward=jacobian", "mtl.aggregator=mgda", "mtl.jacobian_wrt=features"]),
     "famo-alternate": ("famo", ["mtl.backward=alternate"], ["mtl.backward=alternate"]),
@@ -91,14 +116,13 @@ CELLS = {
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_weighting_works_with_every_backward_engine(tmp_path, cell):
+def test_weighting_works_with_every_backward_engine(runs, cell):
+    """2 processes with the engine against 1 process: with ``sum`` as the reference where the engine
+    computes the same gradient (per_task, jacobian+sum), else the same engine."""
     method, engine, reference = CELLS[cell]
-    config = write_config(tmp_path / "tiny.yaml", TINY)
-    one = launch(config, tmp_path / "p1", overrides(method, *reference)).check()
-    two = launch(config, tmp_path / "p2", overrides(method, *engine, "train.grad_accum=2"), nproc=2).check()
+    two = runs.get(method, 2, *engine)
     assert_ranks_identical(two, 2)
-    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
-    assert diff <= RTOL, f"{cell}: relative parameter difference {diff:.2e}"
+    assert_matches(two, runs.get(method, 1, *reference), cell)
 
 
 # Small, noisy batches: each rank's 4-sample loss scatters widely around the global one.

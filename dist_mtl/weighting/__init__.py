@@ -21,10 +21,14 @@ WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (
     FAMOWeighting, LearnableWeighting)}
 
 
-def build_weighting(name: str, args: dict[str, Any], cfg, device: torch.device = torch.device("cpu"),
-                    key: str = "mtl.weighting_args", steps_per_epoch: int = 1) -> Weighting:
-    """The weighting registered as ``name`` for ``cfg.tasks`` (unknown names are refused by the config)."""
-    return WEIGHTINGS[name](cfg.tasks, args, cfg, device, key, steps_per_epoch)
+def build_weighting(cfg, name: str | None = None, args: dict[str, Any] | None = None,
+                    device: torch.device = torch.device("cpu"), key: str = "mtl.weighting_args",
+                    steps_per_epoch: int = 1) -> Weighting:
+    """The weighting registered as ``name`` (default ``cfg.mtl.weighting``, with ``args`` default
+    ``cfg.mtl.weighting_args``) for ``cfg.tasks``. Unknown names are refused by the config."""
+    if name is None:
+        name, args = cfg.mtl.weighting, cfg.mtl.weighting_args if args is None else args
+    return WEIGHTINGS[name](cfg.tasks, args or {}, cfg, device, key, steps_per_epoch)
 
 
 __all__ = ["WEIGHTINGS", "StepResult", "Weighting", "build_weighting"]
