@@ -16,6 +16,9 @@ EPILOG = """\
 examples:
   dist-mtl train configs/diamonds.yaml
   dist-mtl train configs/diamonds.yaml train.max_steps=200 train.lr=3e-3 log.wandb=disabled
+  dist-mtl train configs/weighting/uncertainty.yaml      (one recipe per loss weighting method)
+  dist-mtl train configs/diamonds.yaml mtl.weighting=dwa mtl.weighting_args.temperature=2
+  dist-mtl train configs/recipe_threshold.yaml           (train price until its loss < x, then all)
   dist-mtl validate configs/synthetic.yaml data.synthetic.conflict=0.8
 
 several processes (CPU machines get gloo ranks; GPUs get NCCL):

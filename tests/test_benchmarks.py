@@ -23,3 +23,17 @@ def test_jacobian_benchmark_quick(tmp_path):
     for agg in ("mean", "upgrad", "pcgrad", "mgda"):
         assert rows[f"jacobian+{agg} (loop)"]["vs_libmtl_loop"] > 0
     assert "jacobian+upgrad (features)" in rows and "x libmtl-loop" in proc.stdout
+
+
+def test_weighting_table_quick(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "weighting_table.py"), "--steps", "3",
+                           "--methods", "equal", "famo", "--runs", str(tmp_path / "runs"), "--output", str(out)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for bench in ("diamonds", "synthetic"):
+        assert set(results[bench]) == {"equal", "famo"}
+        assert results[bench]["equal"]["delta_m"] == 0.0 and results[bench]["equal"]["time_ratio"] == 1.0
+        assert results[bench]["famo"]["time_ratio"] > 0
+    assert "| famo |" in proc.stdout and "Δm vs equal" in proc.stdout

@@ -25,9 +25,42 @@ def error_of(tmp_path: Path, data: dict, *overrides: str, world_size: int = 1) -
 
 
 def test_bundled_configs_validate():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) >= 14
+    for path in paths:
         cfg = load_config(path, [], world_size=1)
         assert cfg.tasks, path
+
+
+def test_every_weighting_has_a_diamonds_recipe():
+    from dist_mtl.weighting import WEIGHTINGS
+
+    for name in WEIGHTINGS:
+        cfg = load_config(REPO / "configs" / "weighting" / f"{name}.yaml", [], world_size=1)
+        assert cfg.mtl.weighting == name and [t.name for t in cfg.tasks] == ["price", "cut", "color", "clarity"]
+        assert Path(cfg.data.path) == (REPO / "data" / "diamonds.parquet").resolve()  # relative to diamonds.yaml
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_config(tmp_path / "base.yaml", {**TINY, "model": {"encoder": "mlp", "hidden": [16, 16], "dropout": 0.1}})
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\nmodel: {hidden: [8]}\nmtl: {weighting: dwa}\n")
+    cfg = load_config(child, ["train.max_steps=7"], world_size=1)
+    assert cfg.model.hidden == [8] and cfg.model.dropout == 0.1 and cfg.mtl.weighting == "dwa"
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == TINY["train"]["batch_size"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("extends: missing.yaml\n", "extends: c.yaml: config file not found:"),
+    ("extends: c.yaml\n", "extends: "),
+    ("extends: [a.yaml]\n", "extends: c.yaml: must be the path of another config file"),
+])
+def test_extends_errors(tmp_path, content, fragment):
+    (tmp_path / "c.yaml").write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", [], world_size=1)
+    assert str(info.value).startswith(fragment) and "\n" not in str(info.value)
 
 
 def test_diamonds_default_has_the_four_tasks_and_no_dropout():
