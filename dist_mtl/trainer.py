@@ -77,19 +77,10 @@ def train(cfg: Config) -> TrainResult:
                                          aggregate, options) for phase in schedule.all_phases}
 
     # Resume: the sampler needs no state (its position is a function of the step).
-    start = 0
     if resume_path is not None:
-        state = checkpoint.load(dist, resume_path, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        for key, weighting_state in state["objects"].get("weighting", {}).items():
-            if key in weightings:
-                weightings[key].load_state_dict(weighting_state)
-        if "schedule" in state:
-            schedule.load_state_dict(state["schedule"])
-        if aggregate is not None:
-            aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
-        start = state["step"]
+        start = _resume(dist, resume_path, model, optimizer, scheduler, schedule, weightings, aggregate)
     else:
+        start = 0
         # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
         torch.manual_seed(cfg.seed + 1 + dist.rank)
     if dist.is_main:
@@ -205,6 +196,21 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
         out.losses_after = _global(dist, engine.batch_losses(micro_batches, active))
     weighting.end_step(out)
     return out
+
+
+def _resume(dist: Distributed, path: Path, model: nn.Module, optimizer, scheduler, schedule: Schedule,
+            weightings: dict[str, Weighting], aggregate) -> int:
+    """Restore everything a checkpoint holds; returns its step."""
+    state = checkpoint.load(dist, path, model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    if "schedule" in state:
+        schedule.load_state_dict(state["schedule"])
+    for key, weighting_state in state["objects"].get("weighting", {}).items():
+        if key in weightings:  # a weighting the config no longer uses is left behind
+            weightings[key].load_state_dict(weighting_state)
+    if aggregate is not None:
+        aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
+    return state["step"]
 
 
 def _global(dist: Distributed, losses: dict[str, Tensor]) -> dict[str, float]:
