@@ -162,10 +162,10 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
     training the ``active`` tasks with ``weighting``, whose inputs are reduced across ranks first.
     ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
     micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
-    if probe:
-        engine.probe_conflict(step, micro_batches, active)
     if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
         weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
+    if probe:
+        engine.probe_conflict(step, micro_batches, active)
     weights = weighting.weights(step)
 
     def update(task: str | None = None) -> None:

@@ -44,22 +44,23 @@ def inputs(name: str, step: int) -> tuple[float, torch.Tensor, float]:
     return loss, grad, loss * (0.97 - 0.01 * (k % 3))
 
 
-def drive(weighting, steps: int = 12) -> list[dict[str, float]]:
-    """Run ``weighting`` through ``steps`` optimizer steps as the trainer and engines would."""
-    seen = []
-    for step in range(steps):
-        values = {name: inputs(name, step) for name in weighting.task_names}
-        if weighting.needs_batch_losses:
-            weighting.begin_step(step, {n: v[0] for n, v in values.items()})
-        seen.append(weighting.weights(step))
-        losses = {n: torch.tensor(v[0]) for n, v in values.items()}
-        objective = weighting.combine(losses, step)
-        if weighting.parameters(weighting.task_names):
-            objective.backward()
-            weighting.update_parameters()
-        weighting.end_step(StepResult(step, list(weighting.task_names), {n: v[0] for n, v in values.items()},
-                                      {n: v[1] for n, v in values.items()}, {n: v[2] for n, v in values.items()}))
-    return seen
+def step_once(weighting, step: int) -> dict[str, float]:
+    """One optimizer step as the trainer and engines drive a method; returns the weights it used."""
+    values = {name: inputs(name, step) for name in weighting.task_names}
+    if weighting.needs_batch_losses:
+        weighting.begin_step(step, {n: v[0] for n, v in values.items()})
+    weights = weighting.weights(step)
+    objective = weighting.combine({n: torch.tensor(v[0]) for n, v in values.items()}, step)
+    if weighting.parameters(weighting.task_names):
+        objective.backward()
+        weighting.update_parameters()
+    weighting.end_step(StepResult(step, list(weighting.task_names), {n: v[0] for n, v in values.items()},
+                                  {n: v[1] for n, v in values.items()}, {n: v[2] for n, v in values.items()}))
+    return weights
+
+
+def drive(weighting, steps: int = 12, start: int = 0) -> list[dict[str, float]]:
+    return [step_once(weighting, step) for step in range(start, steps)]
 
 
 @pytest.mark.parametrize("method", sorted(WEIGHTINGS))
@@ -86,25 +87,7 @@ def test_state_dict_resumes_exactly(tmp_path, method):
     torch.save(first.state_dict(), path)
     second = make(tmp_path, method)
     second.load_state_dict(torch.load(path, weights_only=True))
-    resumed = []
-    for step in range(6, 12):  # continue the same input sequence from step 6
-        shifted = _drive_from(second, step)
-        resumed.append(shifted)
-    assert resumed == straight[6:]
-
-
-def _drive_from(weighting, step: int) -> dict[str, float]:
-    values = {name: inputs(name, step) for name in weighting.task_names}
-    if weighting.needs_batch_losses:
-        weighting.begin_step(step, {n: v[0] for n, v in values.items()})
-    weights = weighting.weights(step)
-    objective = weighting.combine({n: torch.tensor(v[0]) for n, v in values.items()}, step)
-    if weighting.parameters(weighting.task_names):
-        objective.backward()
-        weighting.update_parameters()
-    weighting.end_step(StepResult(step, list(weighting.task_names), {n: v[0] for n, v in values.items()},
-                                  {n: v[1] for n, v in values.items()}, {n: v[2] for n, v in values.items()}))
-    return weights
+    assert drive(second, 12, start=6) == straight[6:]  # the same input sequence, continued from step 6
 
 
 @pytest.mark.parametrize("method", [m for m in sorted(WEIGHTINGS) if m in ("uncertainty", "learnable")])
