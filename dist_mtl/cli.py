@@ -1,4 +1,4 @@
-"""Command line: ``dist-mtl train|validate CONFIG [key.path=value ...]``.
+"""Command line: ``dist-mtl train|validate CONFIG [key.path=value ...]`` and ``dist-mtl plot RUN_DIR``.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/data (one line on stderr, no
 traceback), 3 stopped for preemption after checkpointing.
@@ -20,6 +20,7 @@ examples:
   dist-mtl train configs/diamonds.yaml mtl.weighting=dwa mtl.weighting_args.temperature=2
   dist-mtl train configs/recipe_threshold.yaml           (train price until its loss < x, then all)
   dist-mtl validate configs/synthetic.yaml data.synthetic.conflict=0.8
+  dist-mtl plot runs/diamonds                             (PNG charts in runs/diamonds/plots/)
 
 several processes (CPU machines get gloo ranks; GPUs get NCCL):
   accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m dist_mtl train configs/diamonds.yaml
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML config file (see configs/)")
         sub.add_argument("overrides", nargs="*", metavar="key.path=value",
                          help="override config values, e.g. train.lr=3e-3 tasks.price.weight=2")
+    text = "PNG charts of a run from its metrics.jsonl: losses, task weights, gradient conflict, throughput"
+    plot = commands.add_parser("plot", help=text, description=text)
+    plot.add_argument("run_dir", help="a run's output_dir")
+    plot.add_argument("--output", help="where the PNGs go (default: RUN_DIR/plots)")
     return parser
 
 
@@ -64,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import dump_yaml, load_config
 
     try:
+        if args.command == "plot":
+            from .plots import plot_run
+
+            for name, path in plot_run(args.run_dir, args.output).items():
+                print(path if path is not None else f"{name}: skipped (the run logged nothing for it)")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
