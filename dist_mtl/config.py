@@ -255,6 +255,9 @@ class LogConfig:
     grad_conflict: bool = False
     """In modes other than ``jacobian`` (which always logs them), also log per-task gradient norms
     and cosines at log steps. Costs T extra gradient passes and a T x encoder all-reduce per log step."""
+    rank_spread: bool = False
+    """Also log ``loss_rank_min/<task>`` and ``loss_rank_max/<task>``: the lowest and highest of the
+    ranks' own losses at each log step (one extra all-reduce of 2T numbers), to spot a bad shard."""
     comm_bytes: bool = False
     """Log ``perf/comm_bytes``: gradient bytes all-reduced in each logged optimizer step (adds a
     counting hook to DDP's all-reduce; a debugging and benchmarking aid)."""

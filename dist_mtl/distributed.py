@@ -152,6 +152,14 @@ class Distributed:
         out = tensor.detach().clone()
         return self.all_reduce_sum(out) / self.world_size
 
+    def min_max(self, tensor: Tensor) -> tuple[Tensor, Tensor]:
+        """Element-wise minimum and maximum over ranks, in one MAX all-reduce of ``[t, -t]``."""
+        both = torch.cat([tensor.detach().reshape(-1), -tensor.detach().reshape(-1)])
+        if self.distributed:
+            torch_dist.all_reduce(both, op=torch_dist.ReduceOp.MAX)
+        n = tensor.numel()
+        return -both[n:].view_as(tensor), both[:n].view_as(tensor)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.distributed:
             return [obj]

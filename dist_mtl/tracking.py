@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def wandb_available() -> bool:
 def wandb_run_id(output_dir: str) -> str:
     """A run id derived from the output directory, so a resumed run continues the same W&B run."""
     return "dm-" + hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout of dist_mtl, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _json_value(value):
@@ -85,8 +96,16 @@ class Tracker:
                 "name": log.run_name or run_dir.name, "group": log.group, "tags": log.tags or None,
                 "entity": log.entity}
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.accelerator.init_trackers(log.project, config=to_dict(self.cfg),
+        from . import __version__
+
+        config = {**to_dict(self.cfg), "dist_mtl_version": __version__, "git_commit": git_commit()}
+        self.accelerator.init_trackers(log.project, config=config,
                                        init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+        # Train charts use W&B's step (the optimizer step); eval metrics get their own axis, so their
+        # charts join the eval points instead of showing one dot per eval.
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.define_metric("eval/step")
+        run.define_metric("eval/*", step_metric="eval/step")
 
     def _truncate_after(self, step: int | None) -> None:
         """On resume, drop lines logged after the checkpoint, so no step appears twice."""
@@ -111,7 +130,10 @@ class Tracker:
         if cosines:
             self._last_cosines = cosines
         if self.use_wandb:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            values = {k: v for k, v in record.items() if k != "step"}
+            if any(k.startswith("eval/") for k in record):
+                values["eval/step"] = record["step"]
+            self.accelerator.log(values, step=record["step"])
             if self._last_cosines and any(k.startswith("eval/") for k in record):
                 columns, rows = cosine_table(self._last_cosines)
                 self.accelerator.get_tracker("wandb").log_table("conflict/cosine", columns=columns, data=rows,

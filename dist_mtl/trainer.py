@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError
 from .models import MultiTaskModel, build_model
 from .tasks import Task
-from .tracking import Tracker
+from .tracking import Tracker, git_commit
 from .schedule import Schedule, TaskSampler
 from .weighting import StepResult, Weighting, build_weighting
 
@@ -113,6 +112,8 @@ def train(cfg: Config) -> TrainResult:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
                 record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
+            if cfg.log.rank_spread:
+                record.update(_rank_spread(dist, result.local_losses))
             stats = engine.stats
             if stats and (phase.backward == "jacobian" or probe):
                 record.update(zip(stats, dist.mean(torch.stack(list(stats.values())).double()).tolist()))
@@ -221,6 +222,14 @@ def _global(dist: Distributed, losses: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(names, dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()))
 
 
+def _rank_spread(dist: Distributed, local_losses: dict[str, Tensor]) -> dict[str, float]:
+    """The lowest and highest of the ranks' own losses per task (``log.rank_spread``)."""
+    names = list(local_losses)
+    low, high = dist.min_max(torch.stack([local_losses[n] for n in names]).double())
+    return {**{f"loss_rank_min/{n}": v for n, v in zip(names, low.tolist())},
+            **{f"loss_rank_max/{n}": v for n, v in zip(names, high.tolist())}}
+
+
 def _log_switch(tracker: Tracker, progress, switch: dict) -> None:
     """A phase switch: a line on the console and an ``event: phase_switch`` record in metrics.jsonl."""
     if tracker.active:
@@ -321,15 +330,6 @@ def _check_output_dir(run_dir: Path) -> None:
         raise ConfigError("output_dir", f"{run_dir} is not writable")
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -349,7 +349,7 @@ def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: MultiT
         "mixed_precision": cfg.train.mixed_precision,
         "versions": {"dist_mtl": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__, "python": platform.python_version()},
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "hostname": platform.node(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resumed_from": str(resume_path) if resume_path else None,

@@ -17,7 +17,7 @@ from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
 from dist_mtl.models import build_model
 from dist_mtl.tasks import Task
-from wandb_reader import find_run_files, read_history
+from wandb_reader import find_run_files, read_config, read_history, read_records
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,32 @@ def test_logged_losses_are_global_batch_means(oracle, tmp_path):
             assert first[f"loss/{task}"] == pytest.approx(value, rel=1e-6), (name, task)
 
 
+def test_rank_spread_is_the_lowest_and_highest_rank_loss(tmp_path):
+    """log.rank_spread on 2 processes: step 1's min and max are rank 0's and rank 1's own losses on
+    their halves of global batch 0, computed here directly; the logged loss is their mean."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    run = launch(config, tmp_path / "spread", ["train.max_steps=1", "log.rank_spread=true"], nproc=2).check()
+    cfg = load_config(config, [], world_size=1)
+    data = prepare(cfg).groups[0]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.train.x.shape[1], {t.name: t.out_dim for t in data.tasks})
+    sampler = GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed)
+    per_rank = []
+    for rank in (0, 1):
+        (indices,) = sampler.local_batches(0, rank, 2, 1)
+        x, targets = data.train.batch(indices)
+        with torch.no_grad():
+            outputs = model(x)
+        per_rank.append({t.name: t.loss(outputs[t.name], targets[t.name]).item() for t in data.tasks})
+    (record,) = [m for m in run.metrics() if "loss/t0" in m]
+    for task in ("t0", "t1", "t2"):
+        low, high = sorted(r[task] for r in per_rank)
+        assert low < high  # the halves differ, so the check below can fail
+        assert record[f"loss_rank_min/{task}"] == pytest.approx(low, rel=1e-6)
+        assert record[f"loss_rank_max/{task}"] == pytest.approx(high, rel=1e-6)
+        assert record[f"loss/{task}"] == pytest.approx((low + high) / 2, rel=1e-6)
+
+
 def test_eval_counts_every_validation_sample_once(oracle, tmp_path):
     """101 validation rows split over 2 ranks (51 + 50): the reduced metrics equal a direct
     single-process evaluation of the saved model."""
@@ -142,6 +168,13 @@ def test_diamonds_on_two_processes_with_wandb(tmp_path):
             assert logged[line["step"]][f"loss/{task}"] == pytest.approx(line[f"loss/{task}"], rel=1e-12)
     final = run.json("final/eval.json")
     assert final["metrics"]["eval/price/mse"] < final["baselines"]["price"]["mse"]
+    config = read_config(files[0])
+    assert config["git_commit"] == run.json("run.json")["git_commit"] and config["train"]["max_steps"] == 50
+    metrics = {r.metric.glob_name or r.metric.name: r.metric.step_metric for r in read_records(files[0])
+               if r.WhichOneof("record_type") == "metric"}
+    assert metrics.get("eval/*") == "eval/step"
+    evals = [row for row in read_history(files[0]) if "eval/price/mse" in row]
+    assert [row["eval/step"] for row in evals] == [50]
 
 
 def test_consistency_check_stops_a_run_whose_replicas_diverged(tmp_path):
