@@ -136,12 +136,14 @@ def test_naive_accelerator_runs_alone_and_the_guard_refuses(tmp_path):
         pytest.skip("the trap only exists on machines without a GPU")
     script = tmp_path / "naive.py"
     script.write_text(
+        "import os\n"
         "from accelerate import Accelerator\n"
         "from dist_mtl.distributed import LaunchError, check_world\n"
         "naive = Accelerator()\n"
-        "print('naive world size', naive.num_processes, flush=True)\n"
+        # one write(2) per line: both ranks share the pipe, and print() writes its pieces separately
+        "os.write(1, f'naive world size {naive.num_processes}\\n'.encode())\n"
         "try:\n    check_world(naive.num_processes)\nexcept LaunchError as e:\n"
-        "    print('REFUSED:', e, flush=True)\n    raise SystemExit(2)\n")
+        "    os.write(1, f'REFUSED: {e}\\n'.encode())\n    raise SystemExit(2)\n")
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
