@@ -546,13 +546,6 @@ def _check_name(name: str, registry: dict, key: str) -> None:
         raise ConfigError(key, f"unknown name {name!r}{hint}; allowed: {', '.join(sorted(registry))}")
 
 
-def _check_weighting(cfg: Config, name: str, args: dict, key: str) -> None:
-    """Builds the weighting once, so a bad argument exits 2 here rather than mid-run."""
-    from .weighting import build_weighting
-
-    build_weighting(cfg, name, args, key=key)
-
-
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Fills in defaults that depend on other fields (synthetic tasks)."""
     # Registries are imported here so that config.py stays importable on its own.
@@ -560,7 +553,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODERS
     from .tasks import LOSSES
-    from .weighting import WEIGHTINGS
+    from .weighting import WEIGHTINGS, build_weighting
 
     _validate_data(cfg.data, "data")
     if not cfg.tasks and cfg.data.source == "synthetic":
@@ -684,8 +677,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.resume in ("auto", "none") or os.path.isdir(t.resume), "train.resume",
              f"must be auto, none or an existing checkpoint directory; {t.resume!r} not found")
     _require(cfg.log.every > 0, "log.every", f"must be a positive integer, got {cfg.log.every}")
-    for name, args, key in weightings:
-        _check_weighting(cfg, name, args, key)
+    for name, args, key in weightings:  # built once: a bad argument exits 2 here rather than mid-run
+        build_weighting(cfg, name, args, key=key)
     _require(bool(cfg.output_dir), "output_dir", "must not be empty")
 
 

@@ -116,7 +116,7 @@ def train(cfg: Config) -> TrainResult:
                 record.update(_rank_spread(dist, result.local_losses))
             stats = engine.stats
             if stats and (phase.backward == "jacobian" or probe):
-                record.update(zip(stats, dist.mean(torch.stack(list(stats.values())).double()).tolist()))
+                record.update(_global(dist, stats))
             tracker.log(record)
             progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                  refresh=False)
@@ -214,12 +214,12 @@ def _resume(dist: Distributed, path: Path, model: nn.Module, optimizer, schedule
     return state["step"]
 
 
-def _global(dist: Distributed, losses: dict[str, Tensor]) -> dict[str, float]:
-    """Each task's mean over ranks (every rank holds the same tasks in the same order: one collective)."""
-    names = list(losses)
+def _global(dist: Distributed, values: dict[str, Tensor]) -> dict[str, float]:
+    """Each scalar's mean over ranks (every rank holds the same keys in the same order: one collective)."""
+    names = list(values)
     if not names:
         return {}
-    return dict(zip(names, dist.mean(torch.stack([losses[n] for n in names]).double()).tolist()))
+    return dict(zip(names, dist.mean(torch.stack([values[n] for n in names]).double()).tolist()))
 
 
 def _rank_spread(dist: Distributed, local_losses: dict[str, Tensor]) -> dict[str, float]:

@@ -89,20 +89,20 @@ def test_retain_graph_with_default_ddp_raises(results):
     assert r["error_by_rank"] == [r["error_message"]] * 2, f"not the same error on both ranks: {r}. {UPDATE}"
 
 
-def test_leaving_no_sync_before_the_last_backward_reduces_nothing(results):
-    r = results["no_sync_forward"]
+def assert_purely_local(r: dict, what: str) -> None:
+    """No error, nothing reduced: every gradient equals this rank's own."""
     assert_silent(r)
     assert_unsynchronised(r)
     assert r["grad_diff_local"] <= EXACT and r["head_grad_diff_local"] <= EXACT, (
-        f"the grads are no longer purely local ({r}). {UPDATE}")
+        f"{what} no longer purely local ({r}). {UPDATE}")
+
+
+def test_leaving_no_sync_before_the_last_backward_reduces_nothing(results):
+    assert_purely_local(results["no_sync_forward"], "the grads are")
 
 
 def test_autograd_grad_is_never_reduced(results):
-    r = results["autograd_grad"]
-    assert_silent(r)
-    assert_unsynchronised(r)
-    assert r["grad_diff_local"] <= EXACT and r["head_grad_diff_local"] <= EXACT, (
-        f"torch.autograd.grad's results are no longer purely local ({r}). {UPDATE}")
+    assert_purely_local(results["autograd_grad"], "torch.autograd.grad's results are")
 
 
 def test_control_manual_all_reduce_is_correct(results):

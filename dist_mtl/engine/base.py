@@ -114,13 +114,8 @@ class BackwardEngine:
         totals: dict[str, Tensor] = {}
         self.module.eval()
         for batch in micro_batches:
-            for x, targets in batch:
-                names = [name for name in targets if name in active]
-                if names:
-                    with self.dist.accelerator.autocast():
-                        outputs = self.module(x, tasks=names)
-                    self.accumulate(totals, {n: self.by_name[n].loss(outputs[n], targets[n]) for n in names},
-                                    len(micro_batches))
+            with self.dist.accelerator.autocast():  # the unwrapped module: no DDP forward bookkeeping
+                self.accumulate(totals, self.losses(batch, only=active, model=self.module), len(micro_batches))
         self.module.train()
         return totals
 
@@ -145,14 +140,16 @@ class BackwardEngine:
                 self._task_grads[name] = self._task_grads[name] + flat if name in self._task_grads else flat
         return self.weighting.terms(losses, step)
 
-    def losses(self, batch: Batch, only: list[str] | None = None) -> dict[str, Tensor]:
-        """Each task's mean loss on its piece of ``batch``: one forward per piece, through the heads
-        of the tasks it carries (restricted to ``only`` if given)."""
+    def losses(self, batch: Batch, only: list[str] | None = None, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """Each task's mean loss on its piece of ``batch``: one forward per piece (through ``model``,
+        default the DDP-wrapped one), through the heads of the tasks it carries (restricted to
+        ``only`` if given)."""
+        model = model if model is not None else self.model
         losses = {}
         for x, targets in batch:
             names = [name for name in targets if only is None or name in only]
             if names:
-                outputs = self.model(x, tasks=names)
+                outputs = model(x, tasks=names)
                 losses.update({name: self.by_name[name].loss(outputs[name], targets[name]) for name in names})
         return losses
 

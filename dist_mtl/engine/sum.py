@@ -37,9 +37,10 @@ class SumEngine(BackwardEngine):
                 objective = sum(terms.values())
                 self.backward(objective / accum)
             self.accumulate(totals, losses, accum)
+        learned = self.weighting.parameters(active)
         if not use_ddp:
             self.reduce_grads(self.trainable(active))
-        elif self.weighting.parameters(active):  # learned weights are not in DDP's buckets: T numbers
-            self.reduce_grads(self.weighting.parameters(active))
+        elif learned:  # learned weights are not in DDP's buckets: T numbers
+            self.reduce_grads(learned)
         update()
         return totals
