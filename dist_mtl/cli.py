@@ -21,6 +21,8 @@ examples:
   dist-mtl train configs/recipe_threshold.yaml           (train price until its loss < x, then all)
   dist-mtl validate configs/synthetic.yaml data.synthetic.conflict=0.8
   dist-mtl plot runs/diamonds                             (PNG charts in runs/diamonds/plots/)
+  dist-mtl train configs/diamonds.yaml log.wandb=online log.group=sweep1 log.tags=[lr,wide]
+  dist-mtl train configs/diamonds.yaml log.wandb_per_rank=true    (one W&B run per rank, grouped)
 
 several processes (CPU machines get gloo ranks; GPUs get NCCL):
   accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m dist_mtl train configs/diamonds.yaml

@@ -250,6 +250,13 @@ class LogConfig:
     """W&B tags."""
     run_name: str | None = None
     """W&B run name. Default: the output directory's name."""
+    run_id: str | None = None
+    """W&B run id (letters, digits, ``-``, ``_``). Default: the id kept in ``output_dir/wandb_run_id``
+    when resuming, so a resumed or requeued job continues the same W&B run; for a fresh run,
+    ``slurm-<array job>_<array task>`` or ``slurm-<job>`` under SLURM, else a hash of ``output_dir``."""
+    wandb_per_rank: bool = False
+    """One W&B run per rank (ids ``<run id>-rank<r>``, grouped by ``group`` or else the run id), each
+    also logging its own losses as ``rank/loss/<task>``. Default: one run per job, from the main process."""
     progress: bool = True
     """Show a progress bar on the main process."""
     grad_conflict: bool = False
@@ -677,6 +684,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.resume in ("auto", "none") or os.path.isdir(t.resume), "train.resume",
              f"must be auto, none or an existing checkpoint directory; {t.resume!r} not found")
     _require(cfg.log.every > 0, "log.every", f"must be a positive integer, got {cfg.log.every}")
+    _require(cfg.log.run_id is None or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.log.run_id) is not None,
+             "log.run_id", f"must be 1-64 letters, digits, '-' or '_', got {cfg.log.run_id!r}")
     for name, args, key in weightings:  # built once: a bad argument exits 2 here rather than mid-run
         build_weighting(cfg, name, args, key=key)
     _require(bool(cfg.output_dir), "output_dir", "must not be empty")

@@ -61,7 +61,7 @@ class Distributed:
         check_world(accelerator.num_processes)
 
     @classmethod
-    def create(cls, mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None,
+    def create(cls, mixed_precision: str = "no", project_dir: str | None = None,
                find_unused_parameters: bool = False, timeout_s: int = 600) -> "Distributed":
         """Start (or join) the process group through Accelerate.
 
@@ -77,7 +77,7 @@ class Distributed:
             InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
         ]
         accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                                  log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+                                  project_dir=project_dir, kwargs_handlers=handlers)
         return cls(accelerator)
 
     # -- facts ---------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""metrics.jsonl and Weights & Biases, written by the main process only.
+"""metrics.jsonl and Weights & Biases.
 
-The trainer hands over records whose values are already global (reduced across ranks); other
-ranks hold a Tracker too, but it does nothing, so no rank ever does W&B work but the main one.
+The trainer hands over records whose values are already global (reduced across ranks). The main
+process writes metrics.jsonl and, by default, the job's only W&B run; the other ranks hold a Tracker
+too, but it does nothing, so they do no W&B work. With ``log.wandb_per_rank`` every rank keeps a run
+of its own (grouped), which adds that rank's own losses to the same global record.
+
+W&B is driven directly rather than through Accelerate's tracker, which only exists on the main
+process and so cannot give a rank its own run.
 """
 
 from __future__ import annotations
@@ -12,10 +17,15 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Mapping
 
 from .config import Config, to_dict
-from .distributed import env_is_main
+from .distributed import Distributed
+
+RUN_ID_FILE = "wandb_run_id"
+"""Kept in the run directory: the W&B run a resumed or requeued job continues."""
 
 
 def wandb_available() -> bool:
@@ -27,9 +37,35 @@ def wandb_available() -> bool:
     return True
 
 
-def wandb_run_id(output_dir: str) -> str:
-    """A run id derived from the output directory, so a resumed run continues the same W&B run."""
-    return "dm-" + hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+def derived_run_id(run_dir: Path, env: Mapping[str, str] = os.environ) -> str:
+    """A fresh run's W&B id: the SLURM job (array-aware), which a requeued job keeps and the
+    dashboard user can match to ``squeue``; else a hash of the run directory."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    return "dm-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def resolve_run_id(cfg: Config, run_dir: Path, resuming: bool) -> str:
+    """The W&B run id for this start, recorded in ``run_dir/wandb_run_id``.
+
+    A resume continues the recorded run, even from a different SLURM job. A fresh start in a
+    directory that already recorded that id (an earlier attempt killed before its first checkpoint)
+    takes a new one: continuing the old run would log its steps twice."""
+    path = run_dir / RUN_ID_FILE
+    recorded = path.read_text().strip() if path.exists() else None
+    if cfg.log.run_id:
+        run_id = cfg.log.run_id
+    elif resuming and recorded:
+        run_id = recorded
+    else:
+        run_id = derived_run_id(run_dir)
+        if run_id == recorded:
+            run_id = f"{run_id}-{int(time.time())}"
+    if run_id != recorded:
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def git_commit() -> str | None:
@@ -62,82 +98,121 @@ def cosine_table(cosines: dict[str, float]) -> tuple[list[str], list[list]]:
     return ["task", *tasks], [[a, *(value[(a, b)] for b in tasks)] for a in tasks]
 
 
-class Tracker:
-    """Writes metric records to metrics.jsonl and W&B, on the main process only."""
+def _say(message: str) -> None:
+    print(f"dist-mtl: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, cfg: Config, accelerator, is_main: bool, run_dir: Path, resume_step: int | None) -> None:
-        self.cfg, self.accelerator, self.active = cfg, accelerator, is_main
-        self.use_wandb = cfg.log.wandb != "disabled"
+
+class Tracker:
+    """Writes metric records to metrics.jsonl (main process) and W&B (main process, or every rank
+    with ``log.wandb_per_rank``). Every rank constructs one and calls ``log`` at the same steps."""
+
+    def __init__(self, cfg: Config, dist: Distributed, run_dir: Path, resume_step: int | None) -> None:
+        self.cfg = cfg
+        self.active = dist.is_main
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.run = None
+        self._held = 0
+        """W&B already holds this run's steps up to here: they are not sent again."""
         self._last_cosines: dict[str, float] = {}
-        if not self.active:
-            return
-        self._truncate_after(resume_step)
-        self._file = open(self.metrics_path, "a", buffering=1)
-        if self.use_wandb:
-            self._init_wandb(run_dir)
+        self._per_rank = cfg.log.wandb_per_rank and cfg.log.wandb != "disabled"
+        plan = None
+        if dist.is_main:
+            kept = self._truncate_after(resume_step)
+            if cfg.log.wandb != "disabled":
+                plan = (resolve_run_id(cfg, run_dir, resume_step is not None), kept)
+            self._file = open(self.metrics_path, "a", buffering=1)
+        if self._per_rank:  # a config decision, so every rank takes part in this broadcast
+            plan = dist.broadcast_object(plan)
+        if plan and (dist.is_main or self._per_rank):
+            run_id, kept = plan
+            self._init_wandb(run_dir, run_id, dist.rank if self._per_rank else None)
+            # Resend what the checkpoint's metrics.jsonl holds but W&B lost: a killed offline attempt
+            # loses its unflushed tail (a whole small run), whenever it was logged.
+            for record in kept:
+                if "event" not in record:
+                    self._send(record, None)
 
     @staticmethod
-    def wandb_log_with(cfg: Config) -> str | None:
-        """What to pass as ``Accelerator(log_with=...)``; says once if W&B is unavailable."""
-        if cfg.log.wandb == "disabled":
-            return None
-        if not wandb_available():
-            if env_is_main():
-                print("dist-mtl: wandb is not installed; W&B logging is off (metrics.jsonl is still written)",
-                      file=sys.stderr)
+    def check_wandb(cfg: Config, is_main: bool) -> None:
+        """Turn W&B off, saying so once, if wandb cannot be imported."""
+        if cfg.log.wandb != "disabled" and not wandb_available():
+            if is_main:
+                _say("wandb is not installed; W&B logging is off (metrics.jsonl is still written)")
             cfg.log.wandb = "disabled"
-            return None
-        return "wandb"
 
-    def _init_wandb(self, run_dir: Path) -> None:
-        log = self.cfg.log
-        init = {"mode": log.wandb, "dir": str(run_dir), "id": wandb_run_id(str(run_dir)), "resume": "allow",
-                "name": log.run_name or run_dir.name, "group": log.group, "tags": log.tags or None,
-                "entity": log.entity}
-        os.environ.setdefault("WANDB_SILENT", "true")
+    def _init_wandb(self, run_dir: Path, run_id: str, rank: int | None) -> None:
+        import wandb
+
         from . import __version__
+        from .wandb_file import recorded_steps
 
-        config = {**to_dict(self.cfg), "dist_mtl_version": __version__, "git_commit": git_commit()}
-        self.accelerator.init_trackers(log.project, config=config,
-                                       init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+        log = self.cfg.log
+        name, group = log.run_name or run_dir.name, log.group
+        if rank is not None:
+            run_id, name, group = f"{run_id}-rank{rank}", f"{name}-rank{rank}", group or run_id
+        # Offline attempts of this run that came before (read before init adds this attempt's).
+        offline_steps = recorded_steps(run_dir, run_id)
+        init = {"project": log.project, "entity": log.entity, "group": group, "tags": log.tags or None,
+                "name": name, "id": run_id, "resume": "allow", "dir": str(run_dir),
+                "settings": wandb.Settings(silent=True, console="off")}
+        try:
+            self.run = wandb.init(mode=log.wandb, **init)
+        except wandb.errors.Error as e:
+            if log.wandb != "online":
+                raise
+            # Losing a cluster job to a W&B outage is worse than syncing later (`wandb sync`).
+            _say(f"W&B online init failed ({str(e).splitlines()[0]}); logging offline instead")
+            self.run = wandb.init(mode="offline", **init)
+        # An online resume learns from the server where the run stands; offline, the files tell.
+        self._held = max(0, self.run.starting_step - 1, *offline_steps)
+        self.run.config.update({**to_dict(self.cfg), "dist_mtl_version": __version__, "git_commit": git_commit(),
+                                "rank": rank}, allow_val_change=True)
         # Train charts use W&B's step (the optimizer step); eval metrics get their own axis, so their
         # charts join the eval points instead of showing one dot per eval.
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
-        run.define_metric("eval/step")
-        run.define_metric("eval/*", step_metric="eval/step")
+        self.run.define_metric("eval/step")
+        self.run.define_metric("eval/*", step_metric="eval/step")
 
-    def _truncate_after(self, step: int | None) -> None:
-        """On resume, drop lines logged after the checkpoint, so no step appears twice."""
+    def _truncate_after(self, step: int | None) -> list[dict]:
+        """On resume, drop lines logged after the checkpoint, so no step appears twice; return the
+        records kept."""
         if not self.metrics_path.exists():
-            return
+            return []
         if step is None:
             self.metrics_path.unlink()  # a fresh run in a reused directory starts a fresh log
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return []
+        lines = [(line, json.loads(line)) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [(line, record) for line, record in lines if record.get("step", 0) <= step]
         tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line, _ in kept))
         os.replace(tmp, self.metrics_path)
+        return [record for _, record in kept]
 
-    def log(self, record: dict) -> None:
-        """Write one record (it must hold ``step``) to metrics.jsonl and W&B. At eval records, W&B
-        also gets the latest task-gradient cosine matrix as a table (``conflict/cosine``)."""
-        if not self.active:
-            return
-        self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+    def log(self, record: dict, rank_losses: dict[str, float] | None = None) -> None:
+        """Write one record (it must hold ``step``) to metrics.jsonl and W&B. ``rank_losses`` (this
+        rank's own losses) go to per-rank W&B runs only."""
+        if self.active:
+            self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+        self._send(record, rank_losses)
+
+    def _send(self, record: dict, rank_losses: dict[str, float] | None) -> None:
+        """To W&B, unless it holds the step already. At eval records, W&B also gets the latest
+        task-gradient cosine matrix as a table (``conflict/cosine``)."""
         cosines = {k: v for k, v in record.items() if k.startswith("cos/")}
         if cosines:
             self._last_cosines = cosines
-        if self.use_wandb:
-            values = {k: v for k, v in record.items() if k != "step"}
-            if any(k.startswith("eval/") for k in record):
-                values["eval/step"] = record["step"]
-            self.accelerator.log(values, step=record["step"])
-            if self._last_cosines and any(k.startswith("eval/") for k in record):
+        if self.run is None or record["step"] <= self._held:
+            return
+        values = {k: v for k, v in record.items() if k != "step"}
+        if self._per_rank and rank_losses:
+            values.update({f"rank/loss/{n}": float(v) for n, v in rank_losses.items()})
+        if any(k.startswith("eval/") for k in record):
+            values["eval/step"] = record["step"]
+            if self._last_cosines:
+                import wandb
+
                 columns, rows = cosine_table(self._last_cosines)
-                self.accelerator.get_tracker("wandb").log_table("conflict/cosine", columns=columns, data=rows,
-                                                               step=record["step"])
+                values["conflict/cosine"] = wandb.Table(columns=columns, data=rows)
+        self.run.log(values, step=record["step"])
 
     def log_event(self, event: str, record: dict) -> None:
         """An event (e.g. a phase switch) for metrics.jsonl only: W&B shows it through the ``phase``
@@ -146,8 +221,7 @@ class Tracker:
             self._file.write(json.dumps({"event": event, **{k: _json_value(v) for k, v in record.items()}}) + "\n")
 
     def finish(self) -> None:
-        if not self.active:
-            return
-        self._file.close()
-        for tracker in self.accelerator.trackers:  # not end_training(): that also tears down the group
-            tracker.finish()
+        if self.active:
+            self._file.close()
+        if self.run is not None:
+            self.run.finish()

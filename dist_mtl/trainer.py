@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import __version__, checkpoint, faults
 from .config import Config, TrainConfig, dump_yaml
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
-from .distributed import Distributed
+from .distributed import Distributed, env_is_main
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError
@@ -45,7 +45,8 @@ def train(cfg: Config) -> TrainResult:
     _check_output_dir(run_dir)
     # Before the process group: a refusal here is a clean exit 2 on every rank.
     resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
-    dist = Distributed.create(cfg.train.mixed_precision, Tracker.wandb_log_with(cfg), str(run_dir))
+    Tracker.check_wandb(cfg, env_is_main())
+    dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -84,9 +85,10 @@ def train(cfg: Config) -> TrainResult:
         torch.manual_seed(cfg.seed + 1 + dist.rank)
     if dist.is_main:
         _write_run_files(cfg, dist, run_dir, data, resume_path, start)
-    tracker = Tracker(cfg, dist.accelerator, dist.is_main, run_dir, start if resume_path else None)
+    tracker = Tracker(cfg, dist, run_dir, start if resume_path else None)
 
     progress = _progress_bar(cfg, dist, start)
+    interval = Throughput()
     final_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
         for switch in schedule.begin(step):  # a function of the step: every rank switches here together
@@ -101,12 +103,13 @@ def train(cfg: Config) -> TrainResult:
         engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
         result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
                             need_global_losses=log_now or schedule.watches_losses(), probe=probe)
+        interval.add(time.perf_counter() - tic)
         for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
             switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
             _log_switch(tracker, progress, switch)
 
         if log_now:
-            record = _train_record(cfg, result, active, loader, done, time.perf_counter() - tic)
+            record = _train_record(cfg, result, active, loader, done, interval.take())
             record.update(weighting.diagnostics())
             if schedule.phases:
                 record["phase"] = phase.index
@@ -117,9 +120,9 @@ def train(cfg: Config) -> TrainResult:
             stats = engine.stats
             if stats and (phase.backward == "jacobian" or probe):
                 record.update(_global(dist, stats))
-            tracker.log(record)
-            progress.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
-                                 refresh=False)
+            tracker.log(record, result.local_losses)
+            progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
+                                  "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
             final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
             tracker.log({"step": done, **final_eval})
@@ -298,7 +301,8 @@ def _train_record(cfg: Config, result: StepOutput, active: list[str], loader: St
                   step_time: float) -> dict:
     """The global view of a step: per-task losses averaged over ranks (each rank's value is already
     the mean over its micro-steps, and all pieces are the same size), and the weights the step used.
-    Tasks not trained at this step (schedule phase, task sampling) have weight 0."""
+    Tasks not trained at this step (schedule phase, task sampling) have weight 0. ``step_time`` is
+    the mean over the logging interval."""
     weights = {n: (w if n in active else 0.0) for n, w in result.weights.items()}
     record = {"step": done, "epoch": loader.epoch(done), "samples": done * cfg.train.batch_size}
     record.update({f"loss/{n}": v for n, v in result.losses.items()})
@@ -308,6 +312,24 @@ def _train_record(cfg: Config, result: StepOutput, active: list[str], loader: St
     record["perf/step_time_s"] = step_time
     record["perf/samples_per_s"] = cfg.train.batch_size / step_time if step_time > 0 else 0.0
     return record
+
+
+class Throughput:
+    """Mean training-step time since the last log step (eval and checkpoint time left out), so
+    ``perf/*`` describe the whole logging interval rather than one noisy step."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def take(self) -> float:
+        """The mean step time of the interval, starting a new one."""
+        mean = self.seconds / max(self.steps, 1)
+        self.seconds, self.steps = 0.0, 0
+        return mean
 
 
 def _progress_bar(cfg: Config, dist: Distributed, start: int):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The checkout these tests live in (not whichever copy is pip-installed), and tests/wandb_reader.py.
+# The checkout these tests live in (not whichever copy is pip-installed).
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 # A tiny, fast, deterministic synthetic run. Batch 24 divides by 1, 2, 4 and by 2*2.

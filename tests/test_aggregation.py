@@ -182,7 +182,7 @@ def test_cosine_table_is_the_symmetric_matrix():
 
 @pytest.mark.slow
 def test_wandb_gets_the_diagnostics_and_a_cosine_table_at_eval_steps(jac_config):
-    from wandb_reader import find_run_files, read_history
+    from dist_mtl.wandb_file import find_run_files, read_history
 
     tmp, config = jac_config
     run = launch(config, tmp / "wandb", ["mtl.backward=jacobian", "mtl.aggregator=mgda", "log.wandb=offline",

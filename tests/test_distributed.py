@@ -17,7 +17,7 @@ from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
 from dist_mtl.models import build_model
 from dist_mtl.tasks import Task
-from wandb_reader import find_run_files, read_config, read_history, read_records
+from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_records
 
 pytestmark = pytest.mark.slow
 

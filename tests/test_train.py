@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY, launch, write_config
-from wandb_reader import find_run_files, read_config, read_history, read_run_id
+from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_run_id
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for tests/wandb_reader.py against real W&B offline runs.
+"""Tests for dist_mtl/wandb_file.py against real W&B offline runs.
 
 Each module-scoped fixture creates one real offline run with
 ``wandb.init(mode="offline", dir=...)`` (about half a second each), logs known
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,9 +18,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-# Import the helper that lives next to this file, whatever pytest's import mode.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wandb_reader import (  # noqa: E402
+from dist_mtl.wandb_file import (  # noqa: E402
     BLOCK_SIZE,
     CHUNK_FIRST,
     CHUNK_FULL,

@@ -1,8 +1,11 @@
-"""Read back a W&B *offline* run (``run-<id>.wandb``) from disk, for tests.
+"""Read back a W&B *offline* run (``run-<id>.wandb``) from disk.
 
-wandb 0.31 ships no public reader for its transaction log, so this module
-re-implements the (small) file format in pure Python.  It only needs the
-``wandb`` package for the generated protobuf classes.
+The tracker uses it on resume, to learn which steps earlier attempts of the run
+really recorded (wandb-core buffers 32 KiB blocks, so a SIGKILLed attempt's tail
+is lost however long ago it was logged); the tests use it to check what a real
+run recorded.  wandb 0.31 ships no public reader for its transaction log, so
+this module re-implements the (small) file format in pure Python.  It only needs
+the ``wandb`` package for the generated protobuf classes.
 
 File layout
 ===========
@@ -55,7 +58,7 @@ Things worth knowing about the content
 
 Example::
 
-    from wandb_reader import find_run_files, read_history, read_config
+    from dist_mtl.wandb_file import find_run_files, read_history, read_config
 
     (run_file,) = find_run_files(tmp_path)
     rows = read_history(run_file)        # [{"_step": 0, "loss": 0.5, ...}, ...]
@@ -87,6 +90,7 @@ __all__ = [
     "read_history",
     "read_records",
     "read_run_id",
+    "recorded_steps",
 ]
 
 Record = wandb_internal_pb2.Record
@@ -252,15 +256,16 @@ def _item_key(item: Any) -> str:
     return item.key if item.key else "/".join(item.nested_key)
 
 
-def read_history(path: str | Path) -> list[dict[str, Any]]:
+def read_history(path: str | Path, *, strict: bool = True) -> list[dict[str, Any]]:
     """Return one dict per history record (i.e. per ``wandb.log`` step), in order.
 
     Keys are the logged keys (nested keys joined with ``"/"``), values are the
     decoded JSON values.  The internal ``_step``, ``_timestamp`` and
-    ``_runtime`` keys are included as written by wandb.
+    ``_runtime`` keys are included as written by wandb.  ``strict=False`` reads
+    a killed run's file up to where its writing stopped.
     """
     rows: list[dict[str, Any]] = []
-    for record in read_records(path):
+    for record in read_records(path, strict=strict):
         if record.WhichOneof("record_type") != "history":
             continue
         rows.append({_item_key(it): json.loads(it.value_json) for it in record.history.item})
@@ -333,3 +338,15 @@ def read_run_id(path: str | Path) -> str:
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
     raise WandbFileError(f"{path}: no run record")
+
+
+def recorded_steps(run_dir: str | Path, run_id: str) -> list[int]:
+    """The history steps that the offline attempts of run ``run_id`` under ``run_dir/wandb`` hold,
+    reading each file up to where a killed attempt stopped writing."""
+    steps: list[int] = []
+    for path in sorted(Path(run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        try:
+            steps.extend(row["_step"] for row in read_history(path, strict=False))
+        except WandbFileError:
+            continue  # damaged, not just cut short: the attempt's steps will be sent again
+    return steps
