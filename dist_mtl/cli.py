@@ -81,9 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
+        from .preemption import EXIT_PREEMPTED, Preempted
         from .trainer import train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except Preempted as e:
+            from .distributed import env_is_main
+
+            if env_is_main():
+                print(f"dist-mtl: {e}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     except UsageError as e:
         _fail(str(e))
     except KeyboardInterrupt:

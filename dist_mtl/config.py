@@ -225,6 +225,10 @@ class TrainConfig:
     """Keep the newest K checkpoints; 0 keeps all."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in output_dir, if any), ``none``, or a checkpoint path."""
+    signal_check_every: int = 10
+    """On several processes, look every N steps whether any rank received SIGUSR1 (preemption
+    warning: checkpoint, requeue, exit 3) or SIGTERM (checkpoint, exit 3). One all-reduce of one
+    number per check; a single process looks at every step for free."""
     check_consistency_every: int = 0
     """Compare a checksum of every rank's parameters every N steps and stop if they differ; 0 = only
     at the end of training (always done, recorded in run.json)."""
@@ -364,6 +368,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML reads log.group=12345 (a SLURM job id) as a number
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
         return value
@@ -664,6 +670,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "warmup_steps", "check_consistency_every"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.signal_check_every > 0, "train.signal_check_every", f"must be >= 1, got {t.signal_check_every}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")

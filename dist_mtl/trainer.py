@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__, checkpoint, faults
+from . import __version__, checkpoint, faults, preemption
 from .config import Config, TrainConfig, dump_yaml
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
 from .distributed import Distributed, env_is_main
@@ -88,6 +88,8 @@ def train(cfg: Config) -> TrainResult:
     tracker = Tracker(cfg, dist, run_dir, start if resume_path else None)
 
     progress = _progress_bar(cfg, dist, start)
+    signals = preemption.StopSignals(dist, cfg.train.signal_check_every)
+    stop = None
     interval = Throughput()
     final_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
@@ -129,14 +131,24 @@ def train(cfg: Config) -> TrainResult:
         faults.maybe_inject(done, dist.rank, model)
         if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
             dist.check_consistent(model, done)
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps:
+        stop = signals.should_stop(done) if done < cfg.train.max_steps else None
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
             checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
                             {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict()},
                             {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
                             cfg.train.keep_checkpoints,
                             objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}})
         progress.update(1)
+        if stop:
+            break
     progress.close()
+    signals.restore()
+    if stop:  # every rank checkpointed step `done`; flush W&B before SLURM may kill the job
+        tracker.finish()
+        del engines, weightings, model, optimizer, scheduler
+        dist.shutdown()
+        outcome = preemption.requeue(dist.is_main, stop)
+        raise preemption.Preempted(f"{stop} received: stopped after step {done} and checkpointed it; {outcome}")
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
         final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 # The checkout these tests live in (not whichever copy is pip-installed).
@@ -92,3 +93,25 @@ def launch(config: Path, output_dir: Path, overrides: list[str] = (), nproc: int
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", TINY)
+
+
+RTOL = 1e-5
+"""The N-processes-vs-1 oracle's tolerance: float rounding only, no semantic difference."""
+
+
+def max_relative_difference(a_path, b_path) -> float:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def assert_ranks_identical(run, world_size: int) -> None:
+    info = run.json("run.json")
+    assert info["world_size"] == world_size
+    assert len(info["param_digests"]) == world_size and len(set(info["param_digests"])) == 1
+
+
+def weights_equal(a, b) -> bool:
+    """Two safetensors files hold bitwise-equal tensors under the same names."""
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)

@@ -13,7 +13,7 @@ from dist_mtl.aggregation import AGGREGATORS, build_aggregation
 from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
 from dist_mtl.models import build_model
-from test_distributed import RTOL, assert_ranks_identical, max_relative_difference
+from conftest import RTOL, assert_ranks_identical, max_relative_difference
 
 J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, child_env, free_port, launch, write_config
+from conftest import (REPO, RTOL, TINY, assert_ranks_identical, child_env, free_port, launch,
+                      max_relative_difference, weights_equal, write_config)
 from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
 from dist_mtl.models import build_model
@@ -20,20 +21,6 @@ from dist_mtl.tasks import Task
 from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_records
 
 pytestmark = pytest.mark.slow
-
-RTOL = 1e-5
-
-
-def max_relative_difference(a_path, b_path) -> float:
-    a, b = load_file(str(a_path)), load_file(str(b_path))
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
-
-
-def assert_ranks_identical(run, world_size: int) -> None:
-    info = run.json("run.json")
-    assert info["world_size"] == world_size
-    assert len(info["param_digests"]) == world_size and len(set(info["param_digests"])) == 1
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +176,21 @@ def test_consistency_check_stops_a_run_whose_replicas_diverged(tmp_path):
     assert "replicas diverged at step 8: rank(s) [1] hold different parameters from rank 0" in run.stderr
     healthy = launch(config, tmp_path / "healthy", ["train.check_consistency_every=4"], nproc=2).check()
     assert_ranks_identical(healthy, 2)
+
+
+@pytest.mark.parametrize("signal_name", ["usr1", "term"])
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(oracle, tmp_path, signal_name):
+    """A real SIGUSR1 or SIGTERM to rank 1 alone after step 7: the ranks decide together (every
+    train.signal_check_every=10 steps) and all stop after step 10 with a checkpoint of it, exit 3;
+    the rerun resumes there and ends bitwise equal to the uninterrupted 2-process run."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    stopped = launch(config, out, ["log.every=1"], nproc=2, env={"DIST_MTL_FAULT": f"{signal_name}@7:1"})
+    assert stopped.returncode != 0
+    name = signal_name.upper().replace("USR1", "SIGUSR1").replace("TERM", "SIGTERM")
+    assert f"dist-mtl: {name} received: stopped after step 10 and checkpointed it; not requeued" in stopped.stderr
+    assert "exitcode  : 3" in stopped.stderr  # both ranks' exit code, as torchrun reports it
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_10"]
+    resumed = launch(config, out, ["log.every=1"], nproc=2).check()
+    assert resumed.json("run.json")["start_step"] == 10
+    assert weights_equal(out / "final/model.safetensors", oracle["2"].output_dir / "final/model.safetensors")

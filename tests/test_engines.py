@@ -14,7 +14,7 @@ import copy
 import pytest
 
 from conftest import TINY, launch, write_config
-from test_distributed import RTOL, assert_ranks_identical, max_relative_difference
+from conftest import RTOL, assert_ranks_identical, max_relative_difference
 
 pytestmark = pytest.mark.slow
 

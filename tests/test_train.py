@@ -7,15 +7,10 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, launch, write_config
+from conftest import TINY, launch, weights_equal, write_config
 from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_run_id
 
 pytestmark = pytest.mark.slow
-
-
-def weights_equal(a, b) -> bool:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +150,13 @@ def test_without_wandb_installed_training_still_works_and_says_so_once(tmp_path)
     assert (run.output_dir / "final/model.safetensors").exists() and not (run.output_dir / "wandb").exists()
     assert "wandb: disabled" in (run.output_dir / "config.yaml").read_text()
     assert json.loads((run.output_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 5
+
+
+def test_sigterm_on_one_process_checkpoints_that_step_and_exits_3(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    run = launch(config, tmp_path / "out", [], env={"DIST_MTL_FAULT": "term@7"})
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == ("dist-mtl: SIGTERM received: stopped after step 7 and checkpointed "
+                                                    "it; not requeued (not a SLURM job)")
+    assert [p.name for p in (run.output_dir / "checkpoints").iterdir()] == ["step_7"]
+    assert not (run.output_dir / "final").exists()

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY, launch, write_config
 from dist_mtl.weighting import WEIGHTINGS
-from test_distributed import RTOL, assert_ranks_identical, max_relative_difference
+from conftest import RTOL, assert_ranks_identical, max_relative_difference
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,84 @@
+"""Stopping cleanly when the cluster asks: SIGUSR1 (SLURM's ``--signal=B:USR1@<secs>`` warning,
+forwarded by ``slurm/launch_node.sh``) or SIGTERM (the time limit, ``scancel``).
+
+A signal only sets a flag. Ranks may receive it at different moments, or not at all, so the
+decision to stop is collective: every ``train.signal_check_every`` steps the ranks all-reduce
+their flags (MAX), and all stop after the same step. The trainer then checkpoints on every rank
+together; after SIGUSR1 under SLURM, global rank 0 alone requeues the job (``scontrol requeue``,
+array-aware) and every process exits with code 3. The requeued job resumes with
+``train.resume=auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from .distributed import Distributed
+
+EXIT_PREEMPTED = 3
+SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint, so the CLI exits with code 3."""
+
+
+class StopSignals:
+    """Catches SIGUSR1 and SIGTERM for the duration of training and decides, with every rank, when
+    to stop."""
+
+    def __init__(self, dist: Distributed, check_every: int) -> None:
+        self.dist, self.check_every = dist, check_every
+        self.received: int | None = None
+        self._previous = {}
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None or signum == signal.SIGUSR1:  # USR1 (requeue) wins over a later TERM
+            self.received = signum
+
+    def should_stop(self, step: int) -> str | None:
+        """After optimizer step ``step``: the name of the signal that stops the run here, if any
+        rank has received one. A collective on the check steps (one all-reduce of one number)."""
+        if not self.dist.distributed:
+            return SIGNALS.get(self.received)
+        if step % self.check_every:
+            return None
+        # 2 = SIGUSR1, 1 = SIGTERM: the MAX is the strongest request any rank got.
+        code = {signal.SIGUSR1: 2, signal.SIGTERM: 1}.get(self.received, 0)
+        flag = torch.tensor([float(code)], device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return {2: "SIGUSR1", 1: "SIGTERM"}.get(int(flag.item()))
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def slurm_job() -> str | None:
+    """The id that ``scontrol requeue`` takes for this job: ``<array job>_<task>`` for an array task."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def requeue(is_main: bool, signal_name: str) -> str:
+    """After a preemption checkpoint: on global rank 0, requeue the SLURM job if the signal was the
+    preemption warning. Returns what happened, for the exit message."""
+    job = slurm_job()
+    if signal_name != "SIGUSR1" or job is None:
+        return "not requeued (" + ("SIGTERM: the job is ending" if job else "not a SLURM job") + ")"
+    if not is_main:
+        return f"job {job} requeued by rank 0"
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"dist-mtl: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
+        return f"requeue of job {job} FAILED; resubmit to resume"
+    return f"job {job} requeued"
