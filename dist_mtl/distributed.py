@@ -37,6 +37,14 @@ def env_is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def check_not_fsdp() -> None:
+    """Refuse an FSDP launch (``launch/fsdp.yaml``) on GPUs: the engines' gradient reductions,
+    digests and checkpoints assume whole (DDP) parameters. On CPU, Accelerate runs it as DDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and torch.cuda.is_available():
+        raise LaunchError("launched with FSDP (launch/fsdp.yaml), which dist-mtl does not support yet: its "
+                          "exactness guarantee and checkpoints are built on DDP; use launch/gpu.yaml")
+
+
 def check_world(actual_world_size: int, announced: int | None = None) -> None:
     """Refuse to train when the launcher started N > 1 processes but this one trains alone.
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import __version__, checkpoint, faults, preemption
 from .config import Config, TrainConfig, dump_yaml
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
-from .distributed import Distributed, env_is_main
+from .distributed import Distributed, check_not_fsdp, env_is_main
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError
@@ -45,6 +45,7 @@ def train(cfg: Config) -> TrainResult:
     _check_output_dir(run_dir)
     # Before the process group: a refusal here is a clean exit 2 on every rank.
     resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
+    check_not_fsdp()
     Tracker.check_wandb(cfg, env_is_main())
     dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir))
     if cfg.train.deterministic:

@@ -28,7 +28,7 @@ def cluster(tmp_path_factory):
     try:
         slurm = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
     except SlurmUnavailable as e:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") and os.geteuid() == 0:  # .ci/run installed SLURM: it must start
             pytest.fail(f"CI must run the SLURM tests, but the local cluster did not start: {e}")
         pytest.skip(f"no local SLURM cluster: {e}")
     yield slurm

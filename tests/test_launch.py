@@ -1,0 +1,54 @@
+"""The accelerate config files in launch/, used the way launch/README.md shows them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, RTOL, TINY, child_env, free_port, launch, max_relative_difference, write_config
+from dist_mtl.distributed import LaunchError, check_not_fsdp
+
+
+def test_every_launch_config_is_documented_and_parses():
+    readme = (REPO / "launch" / "README.md").read_text()
+    for path in sorted((REPO / "launch").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        assert config["distributed_type"] in ("MULTI_GPU", "FSDP"), path.name
+        assert f"launch/{path.name}" in readme, f"{path.name} is not in launch/README.md"
+
+
+def test_fsdp_launch_is_refused_on_gpus_and_runs_as_ddp_on_cpu(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(LaunchError, match="FSDP .* does not support yet"):
+        check_not_fsdp()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_not_fsdp()  # on CPU Accelerate falls back to DDP, which is what dist-mtl proves exact
+
+
+@pytest.mark.slow
+def test_multi_node_config_on_two_machines_matches_one_process(tmp_path):
+    """launch/multi_node.yaml as two "machines" on this one (machine_rank 0 and 1, one process
+    each, c10d rendezvous): the parameters equal a 1-process run's."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "multi_node.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         # both "machines" share 127.0.0.1, so say which one hosts the rendezvous store
+         "--rdzv_conf", f"is_host={int(rank == 0)}",
+         "-m", "dist_mtl", "train", str(config), f"output_dir={tmp_path / 'multi'}"],
+        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    single = launch(config, tmp_path / "single").check()
+    info = json.loads((tmp_path / "multi/run.json").read_text())
+    assert info["world_size"] == 2 and info["num_machines"] == 2 and len(set(info["param_digests"])) == 1
+    assert max_relative_difference(tmp_path / "multi/final/model.safetensors",
+                                   single.output_dir / "final/model.safetensors") < RTOL
