@@ -90,6 +90,17 @@ def launch(config: Path, output_dir: Path, overrides: list[str] = (), nproc: int
     return Run(proc.returncode, proc.stdout, proc.stderr, Path(output_dir))
 
 
+def launch_together(*launches: dict) -> list[Run]:
+    """Several ``launch(**kwargs)`` at once. Start-up (imports, process groups) overlaps with the
+    other run's work, which takes about a quarter off the wall time on 2 cores; results are the
+    same as one after the other, since no test here compares timings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(launches)) as pool:
+        futures = [pool.submit(launch, **kwargs) for kwargs in launches]
+        return [f.result() for f in futures]
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", TINY)

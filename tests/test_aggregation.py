@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, launch, write_config
+from conftest import (REPO, RTOL, TINY, assert_ranks_identical, child_env, launch, launch_together,
+                      max_relative_difference, write_config)
 from dist_mtl.aggregation import AGGREGATORS, build_aggregation
 from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
 from dist_mtl.models import build_model
-from conftest import RTOL, assert_ranks_identical, max_relative_difference
 
 J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 
@@ -82,8 +82,10 @@ def jac_config(tmp_path_factory):
 def test_two_processes_equal_torchjd_on_the_single_process_global_jacobian(jac_config, name):
     tmp, config = jac_config
     overrides = ["mtl.backward=jacobian", f"mtl.aggregator={name}", "mtl.jacobian_sync=global"]
-    one = launch(config, tmp / f"{name}-1", overrides).check()
-    two = launch(config, tmp / f"{name}-2", overrides + ["train.grad_accum=2"], nproc=2).check()
+    one, two = launch_together(dict(config=config, output_dir=tmp / f"{name}-1", overrides=overrides),
+                               dict(config=config, output_dir=tmp / f"{name}-2", nproc=2,
+                                    overrides=overrides + ["train.grad_accum=2"]))
+    one.check(), two.check()
     assert_ranks_identical(two, 2)
     diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
     assert diff <= RTOL, f"{name}: relative difference {diff:.2e}"

@@ -15,9 +15,8 @@ import copy
 
 import pytest
 
-from conftest import TINY, launch, write_config
+from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_together, max_relative_difference, write_config
 from dist_mtl.weighting import WEIGHTINGS
-from conftest import RTOL, assert_ranks_identical, max_relative_difference
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +51,20 @@ class Runs:
         self.config = write_config(tmp / "tiny.yaml", TINY)
 
     def get(self, method: str, nproc: int = 1, *engine: str):
-        key = (method, nproc, engine)
-        if key not in self.cache:
+        return self.get_many((method, nproc, *engine))[0]
+
+    def get_many(self, *cells: tuple):
+        """Several (method, nproc, *engine) cells, the missing ones launched together."""
+        missing = {(cell[0], cell[1], tuple(cell[2:])) for cell in cells} - set(self.cache)
+        launches = []
+        for method, nproc, engine in sorted(missing):
             name = "-".join([method, f"p{nproc}", *[e.split("=")[-1] for e in engine]])
             accum = ["train.grad_accum=2"] if nproc > 1 else []  # rank count AND accumulation invariance
-            self.cache[key] = launch(self.config, self.tmp / name, overrides(method, *engine, *accum),
-                                     nproc=nproc).check()
-        return self.cache[key]
+            launches.append(dict(config=self.config, output_dir=self.tmp / name, nproc=nproc,
+                                 overrides=overrides(method, *engine, *accum)))
+        for key, run in zip(sorted(missing), launch_together(*launches) if launches else []):
+            self.cache[key] = run.check()
+        return [self.cache[(cell[0], cell[1], tuple(cell[2:]))] for cell in cells]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,7 @@ def test_every_registered_method_is_covered():
 
 @pytest.mark.parametrize("method", sorted(WEIGHTINGS))
 def test_two_processes_give_the_parameters_and_weights_of_one(runs, method):
-    one, two = runs.get(method, 1), runs.get(method, 2)
+    one, two = runs.get_many((method, 1), (method, 2))
     assert_ranks_identical(two, 2)
     assert_matches(two, one, method)
     series_one, series_two = weights_series(one), weights_series(two)
@@ -120,9 +126,9 @@ def test_weighting_works_with_every_backward_engine(runs, cell):
     """2 processes with the engine against 1 process: with ``sum`` as the reference where the engine
     computes the same gradient (per_task, jacobian+sum), else the same engine."""
     method, engine, reference = CELLS[cell]
-    two = runs.get(method, 2, *engine)
+    two, one = runs.get_many((method, 2, *engine), (method, 1, *reference))
     assert_ranks_identical(two, 2)
-    assert_matches(two, runs.get(method, 1, *reference), cell)
+    assert_matches(two, one, cell)
 
 
 # Small, noisy batches: each rank's 4-sample loss scatters widely around the global one.
