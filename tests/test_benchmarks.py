@@ -13,16 +13,32 @@ from conftest import REPO, child_env
 pytestmark = pytest.mark.slow
 
 
-def test_jacobian_benchmark_quick(tmp_path):
+def test_benchmark_suite_quick(tmp_path):
+    """benchmarks/run.py --quick (which also runs benchmarks/jacobian.py --quick): every row is
+    there, and the communication rows, which are counts rather than timings, are exactly what the
+    engines promise (T=4, the MLP 64-256x3 with heads 256->1)."""
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "jacobian.py"), "--quick", "--output", str(out)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--output", str(out)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["jacobian"]["rows"]}
-    assert rows["sum"]["vs_sum"] == 1.0
-    for agg in ("mean", "upgrad", "pcgrad", "mgda"):
-        assert rows[f"jacobian+{agg} (loop)"]["vs_libmtl_loop"] > 0
-    assert "jacobian+upgrad (features)" in rows and "x libmtl-loop" in proc.stdout
+    results = json.loads(out.read_text())
+    rows = {row["what"]: row["ratio"] for row in results["suite"]["rows"]}
+    assert {row["section"] for row in results["suite"]["rows"]} == {"overhead", "per_task", "jacobian", "scaling",
+                                                                      "comm", "data"}
+    assert all(ratio > 0 for what, ratio in rows.items() if "hidden behind" not in what)
+    encoder = 64 * 256 + 256 + 2 * (256 * 256 + 256)
+    head = 256 + 1
+    exact = {"sum": 1.0, "per_task": 1.0, "jacobian+upgrad (local)": 1.0,
+             "alternate": 4 * (encoder + head) / (encoder + 4 * head),
+             "jacobian+upgrad (global)": (4 * encoder + 4 * head) / (encoder + 4 * head)}
+    for mode, ratio in exact.items():
+        assert rows[f"all-reduced bytes / parameter bytes, {mode}"] == pytest.approx(ratio, rel=1e-9), mode
+    # the representation route: the gradients once, plus the T x T Gramian and a few numbers besides
+    features = rows["all-reduced bytes / parameter bytes, jacobian+upgrad (features)"]
+    assert 1.0 < features < 1.0 + 64 * 4 / ((encoder + 4 * head) * 4)
+    jacobian = {row["variant"] for row in results["jacobian"]["rows"]}
+    assert {"sum", "jacobian+upgrad (features)", "libmtl-loop+mgda"} <= jacobian
+    assert "QUICK: not a measurement" in proc.stdout
 
 
 def test_weighting_table_quick(tmp_path):

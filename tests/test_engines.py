@@ -13,8 +13,7 @@ import copy
 
 import pytest
 
-from conftest import TINY, launch, write_config
-from conftest import RTOL, assert_ranks_identical, max_relative_difference
+from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_together, max_relative_difference, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +57,22 @@ class Runs:
         self.configs = {"shared": write_config(tmp / "shared.yaml", TINY), "multi": write_config(tmp / "multi.yaml", MULTI)}
 
     def get(self, data: str, mode: str, nproc: int = 1, accum: int = 1, *extra: str):
-        key = (data, mode, nproc, accum, extra)
-        if key not in self.cache:
+        return self.get_many((data, mode, nproc, accum, *extra))[0]
+
+    def get_many(self, *cells: tuple):
+        """Several (data, mode, nproc, accum, *extra) cells, the missing ones launched together."""
+        keys = [(c[0], c[1], c[2] if len(c) > 2 else 1, c[3] if len(c) > 3 else 1, tuple(c[4:])) for c in cells]
+        missing = sorted(set(keys) - set(self.cache))
+        launches = []
+        for data, mode, nproc, accum, extra in missing:
             name = "-".join([data, mode, f"p{nproc}", f"ga{accum}", *[e.replace("=", "_") for e in extra]])
             overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *extra]
             launcher = "accelerate" if accum == 1 else "torchrun"  # both launchers, across the matrix
-            self.cache[key] = launch(self.configs[data], self.tmp / name, overrides, nproc=nproc, launcher=launcher).check()
-        return self.cache[key]
+            launches.append(dict(config=self.configs[data], output_dir=self.tmp / name, overrides=overrides,
+                                 nproc=nproc, launcher=launcher))
+        for key, run in zip(missing, launch_together(*launches) if launches else []):
+            self.cache[key] = run.check()
+        return [self.cache[key] for key in keys]
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +92,17 @@ CELLS = [("per_task", 1, 2), ("jacobian_sum", 1, 1), ("alternate", 1, 2),
 
 @pytest.mark.parametrize("mode, nproc, accum", CELLS)
 def test_shared_input_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
-    run = runs.get("shared", mode, nproc, accum)
+    run, reference = runs.get_many(("shared", mode, nproc, accum), ("shared", REFERENCE[mode]))
     assert_ranks_identical(run, nproc)
-    assert_matches(run, runs.get("shared", REFERENCE[mode]))
+    assert_matches(run, reference)
 
 
 @pytest.mark.parametrize("mode, nproc, accum", [("sum", 2, 2), ("per_task", 2, 1), ("jacobian_sum", 2, 2),
                                                 ("alternate", 2, 1)])
 def test_per_task_dataset_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
-    run = runs.get("multi", mode, nproc, accum)
+    run, reference = runs.get_many(("multi", mode, nproc, accum), ("multi", REFERENCE[mode]))
     assert_ranks_identical(run, nproc)
-    assert_matches(run, runs.get("multi", REFERENCE[mode]))
+    assert_matches(run, reference)
     datasets = run.json("run.json")["datasets"]
     assert [d["tasks"] for d in datasets] == [["t0"], ["t1"], ["t2"]] and datasets[1]["train_rows"] == 540
 

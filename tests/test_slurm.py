@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 # Long enough (a few seconds of training on 2 processes) to signal a job in the middle of it.
 LONG = copy.deepcopy(TINY)
-LONG["train"].update(max_steps=1500, eval_every=0)
-LONG["log"].update(every=50, wandb="offline")
+LONG["train"].update(max_steps=600, eval_every=0)
+LONG["log"].update(every=20, wandb="offline")
 
 
 @pytest.fixture(scope="module")

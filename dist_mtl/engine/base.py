@@ -157,7 +157,8 @@ class BackwardEngine:
     def accumulate(totals: dict[str, Tensor], losses: dict[str, Tensor], accum: int) -> None:
         """Add each loss (detached) / ``accum`` to ``totals``: the mean over micro-steps."""
         for name, loss in losses.items():
-            totals[name] = totals.get(name, 0.0) + loss.detach() / accum
+            value = loss.detach() if accum == 1 else loss.detach() / accum
+            totals[name] = totals[name] + value if name in totals else value
 
     def local(self) -> AbstractContextManager:
         """Forward and backward without DDP's reducer: DDP decides in forward what to all-reduce, so

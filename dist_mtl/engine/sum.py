@@ -9,6 +9,8 @@ runs locally and the used parameters are reduced once instead: the same bytes or
 
 from __future__ import annotations
 
+import functools
+import operator
 from contextlib import nullcontext
 
 from torch import Tensor
@@ -34,8 +36,8 @@ class SumEngine(BackwardEngine):
                 # Each piece holds the same number of samples, so averaging the per-piece means
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
-                objective = sum(terms.values())
-                self.backward(objective / accum)
+                objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
+                self.backward(objective if accum == 1 else objective / accum)
             self.accumulate(totals, losses, accum)
         learned = self.weighting.parameters(active)
         if not use_ddp:

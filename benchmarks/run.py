@@ -1,0 +1,399 @@
+"""The performance table: every figure a ratio of two things measured side by side in one run.
+
+    python benchmarks/run.py            # the reference table (CPU: about 5 minutes)
+    python benchmarks/run.py --quick    # a smoke run: a few steps, not a measurement
+    python benchmarks/run.py --gpu      # the same on a GPU machine, plus absolute samples/s
+
+Each measurement runs in worker processes (one, or two under torchrun with one thread each),
+which alternate the variants being compared (A B A B ...) in blocks of steps and report the median
+block. Rows:
+
+1. overhead    our ``sum`` step (engine, weighting, schedule, loss bookkeeping) against a minimal
+               hand-written Accelerate loop on the same model, data and batch; 1 and 2 processes.
+2. per_task    ``per_task`` against ``sum`` step time (T = 2, 4, 8) and peak memory; and on 2
+               processes, our ``per_task`` (DDP, one coalesced all-reduce) against the same
+               per-task loop with no DDP at all, on the same per-rank batch: the cost of the sync.
+3. jacobian    ``benchmarks/jacobian.py``: jacobian + aggregator against ``sum`` and a LibMTL loop.
+4. scaling     samples/s of 2 processes against 1 on a fixed global batch, for three model sizes.
+5. comm        gradient bytes all-reduced per optimizer step / trainable-parameter bytes, per mode.
+6. data        the loader alone against a whole training step.
+Also the fraction of DDP's all-reduce time hidden behind backward (2 processes).
+Writes ``benchmarks/results.json`` ("suite", next to jacobian.py's "jacobian").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from jacobian import make_config  # noqa: E402
+
+from dist_mtl.aggregation import build_aggregation  # noqa: E402
+from dist_mtl.data import StepLoader, prepare  # noqa: E402
+from dist_mtl.distributed import Distributed  # noqa: E402
+from dist_mtl.engine import JacobianOptions, build_engine  # noqa: E402
+from dist_mtl.models import build_model  # noqa: E402
+from dist_mtl.trainer import build_optimizer, build_scheduler, train_step  # noqa: E402
+from dist_mtl.weighting import build_weighting  # noqa: E402
+
+HIDDEN, BATCH = 256, 256
+MEMORY_SHAPE = (2048, 1024)  # batch, hidden of the peak-memory rows
+SCALING_SIZES = [64, 256, 1024]
+COMM_MODES = {"sum": ("sum", None, "global", "params"), "per_task": ("per_task", None, "global", "params"),
+              "alternate": ("alternate", None, "global", "params"),
+              "jacobian+upgrad (global)": ("jacobian", "upgrad", "global", "params"),
+              "jacobian+upgrad (local)": ("jacobian", "upgrad", "local", "params"),
+              "jacobian+upgrad (features)": ("jacobian", "upgrad", "global", "features")}
+
+
+# ---------------------------------------------------------------------------------------------
+# what gets timed
+
+
+class Setup:
+    """One copy of the model with its optimizer and data, on this rank."""
+
+    def __init__(self, dist: Distributed, tasks: int = 4, hidden: int = HIDDEN, batch: int = BATCH,
+                 ddp: bool = True) -> None:
+        self.dist, self.cfg = dist, make_config(tasks, hidden, batch)
+        self.data = prepare(self.cfg)
+        self.loader = StepLoader(self.data, batch, self.cfg.seed)
+        torch.manual_seed(0)
+        model = build_model(self.cfg.model, self.data.input_dim, {t.name: t.out_dim for t in self.data.tasks})
+        model = model.to(dist.device)
+        optimizer = build_optimizer(self.cfg.train, model)
+        self.scheduler = build_scheduler(self.cfg.train, optimizer)
+        self.model, self.optimizer = dist.accelerator.prepare(model, optimizer) if ddp else (model, optimizer)
+        self.names = [t.name for t in self.data.tasks]
+        self.world = dist.world_size if ddp else 1  # no DDP: this rank's share, trained alone
+
+    def batch(self, step: int):
+        """This rank's piece of global batch ``step`` (the same rows for every variant)."""
+        return self.loader.micro_batches(step, self.dist.rank, self.dist.world_size, 1, self.names,
+                                         self.dist.device)[0]
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+class Ours:
+    """dist-mtl's own training step (``train_step``) with backward engine ``backward``."""
+
+    def __init__(self, setup: Setup, backward: str = "sum", aggregator: str | None = None,
+                 sync: str = "global", wrt: str = "params") -> None:
+        self.s = setup
+        self.weighting = build_weighting(setup.cfg, device=setup.dist.device)
+        aggregate = build_aggregation(aggregator, {}, len(setup.names), 0) if aggregator else None
+        self.engine = build_engine(backward, setup.dist, setup.model, setup.data.tasks, self.weighting, aggregate,
+                                   JacobianOptions(sync, "auto", wrt))
+        self.engine.collect_stats = False  # as between log steps
+
+    def step(self, i: int) -> None:
+        s = self.s
+        train_step(s.cfg, s.dist, self.engine, self.weighting, s.names, s.model, s.optimizer, s.scheduler,
+                   s.loader, i, need_global_losses=False)
+
+
+class HandWritten:
+    """The loop a user would write: one forward, the summed loss (or each task's loss, for
+    ``per_task``) backward, step. With Accelerate (``accelerator.backward``) on a prepared model,
+    or plain PyTorch on a model that is not."""
+
+    def __init__(self, setup: Setup, per_task: bool = False) -> None:
+        self.s, self.per_task = setup, per_task
+
+    def step(self, i: int) -> None:
+        s = self.s
+        ((x, targets),) = s.batch(i)
+        outputs = s.model(x)
+        losses = [t.loss(outputs[t.name], targets[t.name]) for t in s.data.tasks]
+        if self.per_task:
+            for k, loss in enumerate(losses):
+                loss.backward(retain_graph=k < len(losses) - 1)
+        elif hasattr(s.model, "module"):
+            s.dist.accelerator.backward(sum(losses))
+        else:
+            sum(losses).backward()
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+
+
+class LoaderOnly:
+    def __init__(self, setup: Setup) -> None:
+        self.s = setup
+
+    def step(self, i: int) -> None:
+        self.s.batch(i)
+
+
+class LocalStep:
+    """Our ``sum`` step with DDP's all-reduce switched off (``no_sync``): what it costs to hide."""
+
+    def __init__(self, ours: Ours) -> None:
+        self.ours = ours
+
+    def step(self, i: int) -> None:
+        with self.ours.s.model.no_sync():
+            self.ours.step(i)
+
+
+class AllReduceOnly:
+    """One all-reduce of every trainable gradient's bytes, as DDP's buckets send them."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.buffer = torch.zeros(sum(p.numel() for p in setup.model.parameters()), device=setup.dist.device)
+
+    def step(self, i: int) -> None:
+        torch.distributed.all_reduce(self.buffer)
+
+
+def interleaved(dist: Distributed, variants: dict, repeats: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each variant, timed in alternating blocks of ``steps`` steps."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for v in variants.values():
+        for i in range(2):  # warm-up: allocations, optimizer state, solver set-up
+            v.step(i)
+    for r in range(repeats):
+        for name, v in variants.items():
+            dist.barrier()
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            for i in range(steps):
+                v.step(2 + r * steps + i)
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - tic) / steps)
+    # every rank's time for a block is the slowest rank's: the step ends when all have finished
+    local = torch.tensor([statistics.median(t) for t in times.values()], dtype=torch.float64)
+    if dist.distributed:
+        torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(times, local.tolist()))
+
+
+def peak_memory(fn) -> float:
+    """MiB allocated at the peak of ``fn`` above where it started: the CUDA allocator's statistics
+    on a GPU; on CPU the profiler's record of every allocation and free, replayed in order."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (each a separate process, or two under torchrun)
+
+
+def worker_single(dist: Distributed, quick: bool) -> dict:
+    repeats, steps = (2, 3) if quick else (11, 30)
+    out: dict = {}
+    setup = Setup(dist)
+    times = interleaved(dist, {"ours": Ours(setup), "minimal": HandWritten(Setup(dist)),
+                               "loader": LoaderOnly(setup)}, repeats, steps)
+    out["overhead_1p"] = times["ours"] / times["minimal"]
+    out["data_fraction"] = times["loader"] / times["ours"]
+    out["step_ms"] = 1000 * times["ours"]
+    out["per_task"] = {}
+    batch, hidden = (256, 256) if quick else MEMORY_SHAPE
+    for tasks in (2, 4, 8):
+        variants = {"sum": Ours(Setup(dist, tasks)), "per_task": Ours(Setup(dist, tasks), "per_task")}
+        t = interleaved(dist, variants, repeats, steps)
+        memory = {}
+        for backward in variants:  # a larger batch and model, so activations dominate
+            ours = Ours(Setup(dist, tasks, hidden=hidden, batch=batch), backward)
+            ours.step(0), ours.step(1)  # optimizer state exists: the steady state
+            memory[backward] = peak_memory(lambda: ours.step(2))
+        out["per_task"][tasks] = {"time_ratio": t["per_task"] / t["sum"], "sum_ms": 1000 * t["sum"],
+                                  "peak_mib": memory, "memory_ratio": memory["per_task"] / memory["sum"]}
+    return out
+
+
+def worker_pair(dist: Distributed, quick: bool) -> dict:
+    repeats, steps = (2, 3) if quick else (11, 30)
+    out: dict = {}
+    ours_sum = Ours(Setup(dist))
+    times = interleaved(dist, {"ours": ours_sum, "minimal": HandWritten(Setup(dist)),
+                               "local": LocalStep(ours_sum), "allreduce": AllReduceOnly(ours_sum.s)},
+                        repeats, steps)
+    out["overhead_2p"] = times["ours"] / times["minimal"]
+    exposed = max(times["ours"] - times["local"], 0.0)
+    out["hidden_allreduce"] = min(1.0, max(0.0, 1 - exposed / times["allreduce"]))
+    out["allreduce_ms"] = 1000 * times["allreduce"]
+    # the same per-rank batch, trained by this rank alone with no DDP: the cost of the sync
+    times = interleaved(dist, {"per_task": Ours(Setup(dist), "per_task"),
+                               "per_task_alone": HandWritten(Setup(dist, ddp=False), per_task=True),
+                               "sum": Ours(Setup(dist)), "sum_alone": HandWritten(Setup(dist, ddp=False))},
+                        repeats, steps)
+    out["per_task_sync"] = times["per_task"] / times["per_task_alone"]
+    out["sum_sync"] = times["sum"] / times["sum_alone"]
+    out["comm"] = {}
+    for name, (backward, aggregator, sync, wrt) in COMM_MODES.items():
+        setup = Setup(dist)
+        dist.count_ddp_traffic(setup.model)
+        ours = Ours(setup, backward, aggregator, sync, wrt)
+        ours.step(0)
+        before = dist.grad_bytes
+        ours.step(1)
+        out["comm"][name] = (dist.grad_bytes - before) / setup.param_bytes()
+    return out
+
+
+def worker_scaling(dist: Distributed, quick: bool, global_batch: int) -> dict:
+    repeats, steps = (1, 3) if quick else (3, 20)
+    out = {}
+    for hidden in SCALING_SIZES:
+        t = interleaved(dist, {"ours": Ours(Setup(dist, hidden=hidden, batch=global_batch))}, repeats, steps)
+        out[hidden] = global_batch / t["ours"]
+    return out
+
+
+def run_worker(args) -> None:
+    warnings.filterwarnings("ignore")
+    dist = Distributed.create()
+    if args.worker == "single":
+        result = worker_single(dist, args.quick)
+    elif args.worker == "pair":
+        result = worker_pair(dist, args.quick)
+    else:
+        result = worker_scaling(dist, args.quick, args.global_batch)
+    if dist.is_main:
+        Path(args.result).write_text(json.dumps(result))
+    dist.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str) -> dict:
+    """Run a worker on ``nproc`` processes (one thread each on CPU) and return its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        script = [str(Path(__file__).resolve()), "--worker", worker, "--result", str(result), *extra]
+        script += ["--quick"] if quick else []
+        if nproc == 1:
+            cmd = [sys.executable, *script]
+        else:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(port), *script]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if not gpu:
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark worker {worker} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
+    parser.add_argument("--gpu", action="store_true", help="on the GPUs of this machine (2 of them for the 2-process rows)")
+    parser.add_argument("--output", default=str(HERE / "results.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--global-batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return {}
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device here")
+    started = time.time()
+    single = spawn(1, "single", args.quick, args.gpu)
+    pair = spawn(2, "pair", args.quick, args.gpu)
+    scaling: dict[int, dict[str, list[float]]] = {}
+    global_batch = 512
+    for _ in range(1 if args.quick else 3):  # A B A B: the two launches alternate
+        for nproc in (1, 2):
+            for hidden, samples in spawn(nproc, "scaling", args.quick, args.gpu,
+                                         "--global-batch", str(global_batch)).items():
+                scaling.setdefault(int(hidden), {}).setdefault(str(nproc), []).append(samples)
+    subprocess.run([sys.executable, str(HERE / "jacobian.py"), "--output", args.output,
+                    *(["--quick"] if args.quick else []), *(["--gpu"] if args.gpu else [])], check=True,
+                   env={**os.environ, **({} if args.gpu else {"OMP_NUM_THREADS": "1"})})
+    jacobian = json.loads(Path(args.output).read_text())["jacobian" + ("_gpu" if args.gpu else "")]
+
+    rows = [
+        ("overhead", "our sum step / minimal Accelerate loop, 1 process", single["overhead_1p"], "<= 1.03"),
+        ("overhead", "our sum step / minimal Accelerate loop, 2 processes", pair["overhead_2p"], "<= 1.03"),
+    ]
+    for tasks, r in single["per_task"].items():
+        rows.append(("per_task", f"per_task / sum step time, T={tasks}", r["time_ratio"], ""))
+        rows.append(("per_task", f"per_task / sum peak memory, T={tasks}", r["memory_ratio"], ""))
+    rows.append(("per_task", "our per_task on 2 processes / the same loop with no DDP (sync cost)",
+                 pair["per_task_sync"], "<= 1.05"))
+    rows.append(("per_task", "our sum on 2 processes / the same loop with no DDP (sync cost)", pair["sum_sync"], ""))
+    for row in jacobian["rows"]:
+        if row["variant"] != "sum" and "batched" not in row["variant"]:
+            rows.append(("jacobian", f"{row['variant']} / sum", row["vs_sum"], ""))
+            if row["vs_libmtl_loop"] is not None:
+                rows.append(("jacobian", f"{row['variant']} / LibMTL-style loop", row["vs_libmtl_loop"], ""))
+    for hidden, runs in scaling.items():
+        ratio = statistics.median(runs["2"]) / statistics.median(runs["1"])
+        rows.append(("scaling", f"2 processes / 1, samples/s, hidden {hidden} (global batch {global_batch})", ratio,
+                     ">= 1.6" if hidden == HIDDEN else ""))
+    for mode, ratio in pair["comm"].items():
+        rows.append(("comm", f"all-reduced bytes / parameter bytes, {mode}", ratio, ""))
+    rows.append(("comm", "share of DDP's all-reduce time hidden behind backward (sum)", pair["hidden_allreduce"], ""))
+    rows.append(("data", "loader alone / whole training step", single["data_fraction"], "<< 1"))
+
+    device = torch.cuda.get_device_name(0) if args.gpu else f"CPU ({os.cpu_count()} cores), 1 thread per process"
+    print(f"dist-mtl benchmarks on {device}; MLP 64-{HIDDEN}x3, T=4, batch {BATCH} unless stated; "
+          f"medians of interleaved blocks{'  (QUICK: not a measurement)' if args.quick else ''}")
+    print(f"{'row':9s} {'what':78s} {'ratio':>7s}  target")
+    for section, what, ratio, target in rows:
+        print(f"{section:9s} {what:78s} {ratio:7.3f}  {target}")
+    print(f"our sum step: {single['step_ms']:.2f} ms on 1 process; one all-reduce of all gradients on 2: "
+          f"{pair['allreduce_ms']:.2f} ms; peak memory of a step (MiB, batch and hidden "
+          f"{(256, 256) if args.quick else MEMORY_SHAPE}): "
+          + ", ".join(f"T={t} sum {r['peak_mib']['sum']:.1f} per_task {r['peak_mib']['per_task']:.1f}"
+                      for t, r in single["per_task"].items()))
+    if args.gpu:
+        for hidden, runs in scaling.items():
+            print(f"samples/s, hidden {hidden}: 1 GPU {statistics.median(runs['1']):.0f}, "
+                  f"2 GPUs {statistics.median(runs['2']):.0f}")
+    result = {"device": device, "quick": args.quick, "torch": torch.__version__, "seconds": time.time() - started,
+              "rows": [{"section": s, "what": w, "ratio": r, "target": t} for s, w, r, t in rows],
+              "single": single, "pair": pair, "scaling_samples_per_s": scaling}
+    output = Path(args.output)
+    existing = json.loads(output.read_text()) if output.exists() else {}
+    existing["suite" + ("_gpu" if args.gpu else "")] = result
+    output.write_text(json.dumps(existing, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
