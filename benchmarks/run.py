@@ -329,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         run_worker(args)
         return {}
-    if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu: no CUDA device here")
+    if args.gpu and torch.cuda.device_count() < 2:  # each of the 2 processes needs its own GPU
+        raise SystemExit(f"--gpu needs 2 CUDA devices for the 2-process rows; this machine has "
+                         f"{torch.cuda.device_count()} (benchmarks/jacobian.py --gpu runs on one)")
     started = time.time()
     single = spawn(1, "single", args.quick, args.gpu)
     pair = spawn(2, "pair", args.quick, args.gpu)
