@@ -24,6 +24,7 @@ Writes ``benchmarks/results.json`` ("suite", next to jacobian.py's "jacobian").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -64,13 +65,20 @@ COMM_MODES = {"sum": ("sum", None, "global", "params"), "per_task": ("per_task",
 # what gets timed
 
 
+@functools.lru_cache(maxsize=None)
+def prepared_data(tasks: int, batch: int):
+    """The synthetic data of ``make_config``, which depends on the task count and batch only:
+    prepared once per worker, however many model copies train on it (they only read it)."""
+    return prepare(make_config(tasks, HIDDEN, batch))
+
+
 class Setup:
     """One copy of the model with its optimizer and data, on this rank."""
 
     def __init__(self, dist: Distributed, tasks: int = 4, hidden: int = HIDDEN, batch: int = BATCH,
                  ddp: bool = True) -> None:
         self.dist, self.cfg = dist, make_config(tasks, hidden, batch)
-        self.data = prepare(self.cfg)
+        self.data = prepared_data(tasks, batch)
         self.loader = StepLoader(self.data, batch, self.cfg.seed)
         torch.manual_seed(0)
         model = build_model(self.cfg.model, self.data.input_dim, {t.name: t.out_dim for t in self.data.tasks})
@@ -79,7 +87,6 @@ class Setup:
         self.scheduler = build_scheduler(self.cfg.train, optimizer)
         self.model, self.optimizer = dist.accelerator.prepare(model, optimizer) if ddp else (model, optimizer)
         self.names = [t.name for t in self.data.tasks]
-        self.world = dist.world_size if ddp else 1  # no DDP: this rank's share, trained alone
 
     def batch(self, step: int):
         """This rank's piece of global batch ``step`` (the same rows for every variant)."""

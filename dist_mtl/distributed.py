@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -35,6 +35,14 @@ def env_world_size() -> int:
 def env_is_main() -> bool:
     """Whether this process is global rank 0 according to the launcher (usable before init)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def slurm_job(env: Mapping[str, str] = os.environ) -> str | None:
+    """This SLURM job as ``scontrol`` names it: ``<array job>_<task>`` for an array task, else the
+    job id; None outside SLURM. A requeued job keeps it."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
 
 
 def check_not_fsdp() -> None:

@@ -11,17 +11,18 @@ array-aware) and every process exits with code 3. The requeued job resumes with
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
 import torch
 
-from .distributed import Distributed
+from .distributed import Distributed, slurm_job
 
 EXIT_PREEMPTED = 3
-SIGNALS = {signal.SIGUSR1: "SIGUSR1", signal.SIGTERM: "SIGTERM"}
+PRIORITY = {signal.SIGTERM: 1, signal.SIGUSR1: 2}
+"""The signals that stop training; when ranks got different ones, the highest wins (USR1 asks for
+a requeue as well)."""
 
 
 class Preempted(Exception):
@@ -36,37 +37,28 @@ class StopSignals:
         self.dist, self.check_every = dist, check_every
         self.received: int | None = None
         self._previous = {}
-        for signum in SIGNALS:
+        for signum in PRIORITY:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is None or signum == signal.SIGUSR1:  # USR1 (requeue) wins over a later TERM
+        if PRIORITY[signum] > PRIORITY.get(self.received, 0):
             self.received = signum
 
     def should_stop(self, step: int) -> str | None:
         """After optimizer step ``step``: the name of the signal that stops the run here, if any
         rank has received one. A collective on the check steps (one all-reduce of one number)."""
-        if not self.dist.distributed:
-            return SIGNALS.get(self.received)
-        if step % self.check_every:
-            return None
-        # 2 = SIGUSR1, 1 = SIGTERM: the MAX is the strongest request any rank got.
-        code = {signal.SIGUSR1: 2, signal.SIGTERM: 1}.get(self.received, 0)
-        flag = torch.tensor([float(code)], device=self.dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return {2: "SIGUSR1", 1: "SIGTERM"}.get(int(flag.item()))
+        strongest = PRIORITY.get(self.received, 0)
+        if self.dist.distributed:
+            if step % self.check_every:
+                return None
+            flag = torch.tensor([float(strongest)], device=self.dist.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            strongest = int(flag.item())
+        return next((signal.Signals(s).name for s, p in PRIORITY.items() if p == strongest), None)
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-
-
-def slurm_job() -> str | None:
-    """The id that ``scontrol requeue`` takes for this job: ``<array job>_<task>`` for an array task."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
 
 
 def requeue(is_main: bool, signal_name: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .config import Config, to_dict
-from .distributed import Distributed
+from .distributed import Distributed, slurm_job
 
 RUN_ID_FILE = "wandb_run_id"
 """Kept in the run directory: the W&B run a resumed or requeued job continues."""
@@ -40,10 +40,9 @@ def wandb_available() -> bool:
 def derived_run_id(run_dir: Path, env: Mapping[str, str] = os.environ) -> str:
     """A fresh run's W&B id: the SLURM job (array-aware), which a requeued job keeps and the
     dashboard user can match to ``squeue``; else a hash of the run directory."""
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    if env.get("SLURM_JOB_ID"):
-        return f"slurm-{env['SLURM_JOB_ID']}"
+    job = slurm_job(env)
+    if job:
+        return f"slurm-{job}"
     return "dm-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
 

@@ -43,10 +43,8 @@ srun --nodes "$NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 --open-mode=a
      --output "$RUN_DIR/logs/%j-node%n.out" \
      "$DIST_MTL_HOME/slurm/launch_node.sh" "$CONFIG" "output_dir=$RUN_DIR" "log.group=$GROUP" $OVERRIDES &
 srun_pid=$!
-while true; do
-  wait "$srun_pid"
-  rc=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
-done
+source "$DIST_MTL_HOME/slurm/wait.sh"
+wait_for "$srun_pid"
+rc=$?
 echo "[$(date +%T)] job $SLURM_JOB_ID: training exited with $rc"
 exit "$rc"

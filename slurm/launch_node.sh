@@ -30,11 +30,8 @@ agent=$!
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-# `wait` returns early when a trapped signal arrives; keep waiting until the launcher is gone.
-while true; do
-  wait "$agent"
-  rc=$?
-  kill -0 "$agent" 2>/dev/null || break
-done
+source "$(dirname "$0")/wait.sh"
+wait_for "$agent"
+rc=$?
 echo "[$(date +%T)] node $SLURM_NODEID: launcher exited with $rc"
 exit "$rc"

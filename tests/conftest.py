@@ -101,6 +101,26 @@ def launch_together(*launches: dict) -> list[Run]:
         return [f.result() for f in futures]
 
 
+def launch_missing(cache: dict, keys: list, launch_args) -> list[Run]:
+    """The checked runs of ``keys``: from ``cache``, or, for the keys it lacks, launched together
+    (``launch_args(key)`` gives ``launch``'s arguments) and cached. A test asks for a cell and its
+    1-process reference at once, so the two usually start together."""
+    missing = sorted(set(keys) - set(cache))
+    if missing:
+        for key, run in zip(missing, launch_together(*map(launch_args, missing))):
+            cache[key] = run.check()
+    return [cache[key] for key in keys]
+
+
+def by_step(history: list[dict]) -> dict[int, dict]:
+    """W&B history rows merged per step (a step's train and eval records may be separate rows),
+    without W&B's own ``_step``, ``_runtime`` and ``_timestamp``."""
+    rows: dict[int, dict] = {}
+    for row in history:
+        rows.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    return rows
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tiny.yaml", TINY)

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 
-from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_together, max_relative_difference, write_config
+from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_missing, max_relative_difference, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +62,15 @@ class Runs:
     def get_many(self, *cells: tuple):
         """Several (data, mode, nproc, accum, *extra) cells, the missing ones launched together."""
         keys = [(c[0], c[1], c[2] if len(c) > 2 else 1, c[3] if len(c) > 3 else 1, tuple(c[4:])) for c in cells]
-        missing = sorted(set(keys) - set(self.cache))
-        launches = []
-        for data, mode, nproc, accum, extra in missing:
-            name = "-".join([data, mode, f"p{nproc}", f"ga{accum}", *[e.replace("=", "_") for e in extra]])
-            overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *extra]
-            launcher = "accelerate" if accum == 1 else "torchrun"  # both launchers, across the matrix
-            launches.append(dict(config=self.configs[data], output_dir=self.tmp / name, overrides=overrides,
-                                 nproc=nproc, launcher=launcher))
-        for key, run in zip(missing, launch_together(*launches) if launches else []):
-            self.cache[key] = run.check()
-        return [self.cache[key] for key in keys]
+        return launch_missing(self.cache, keys, self._launch_args)
+
+    def _launch_args(self, key: tuple) -> dict:
+        data, mode, nproc, accum, extra = key
+        name = "-".join([data, mode, f"p{nproc}", f"ga{accum}", *[e.replace("=", "_") for e in extra]])
+        overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *extra]
+        launcher = "accelerate" if accum == 1 else "torchrun"  # both launchers, across the matrix
+        return dict(config=self.configs[data], output_dir=self.tmp / name, overrides=overrides, nproc=nproc,
+                    launcher=launcher)
 
 
 @pytest.fixture(scope="module")

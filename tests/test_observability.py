@@ -3,27 +3,18 @@ values the tests compute independently."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, launch, write_config
+from conftest import TINY, by_step, launch, write_config
 from dist_mtl.config import Config, LogConfig
 from dist_mtl.tracking import RUN_ID_FILE, derived_run_id, resolve_run_id
 from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_run_id
 
 pytestmark = pytest.mark.slow
-
-
-def by_step(history: list[dict]) -> dict[int, dict]:
-    """W&B history rows merged per step (train and eval records of one step arrive as one row)."""
-    rows: dict[int, dict] = {}
-    for row in history:
-        rows.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
-    return rows
 
 
 def test_run_id_derivation():

@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, launch, weights_equal, write_config
+from conftest import TINY, by_step, launch, weights_equal, write_config
 from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_run_id
 
 pytestmark = pytest.mark.slow
@@ -124,15 +124,13 @@ def test_wandb_offline_run_matches_metrics_jsonl(tmp_path):
     assert len(files) == 1
     history = read_history(files[0])
     train_lines = [m for m in run.metrics() if "loss/t0" in m]
-    by_step = {}
-    for row in history:
-        by_step.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    logged_by_step = by_step(history)
     for line in train_lines:
-        logged = by_step[line["step"]]
+        logged = logged_by_step[line["step"]]
         for key, value in line.items():
             if key != "step":
                 assert logged[key] == pytest.approx(value, rel=1e-12), key
-    assert by_step[20]["eval/t1/mse"] == pytest.approx(run.metrics()[-1]["eval/t1/mse"], rel=1e-12)
+    assert logged_by_step[20]["eval/t1/mse"] == pytest.approx(run.metrics()[-1]["eval/t1/mse"], rel=1e-12)
     assert read_config(files[0])["train"]["max_steps"] == 20
     assert read_run_id(files[0]).startswith("dm-")
 

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 
-from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_together, max_relative_difference, write_config
+from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_missing, max_relative_difference, write_config
 from dist_mtl.weighting import WEIGHTINGS
 
 pytestmark = pytest.mark.slow
@@ -55,16 +55,14 @@ class Runs:
 
     def get_many(self, *cells: tuple):
         """Several (method, nproc, *engine) cells, the missing ones launched together."""
-        missing = {(cell[0], cell[1], tuple(cell[2:])) for cell in cells} - set(self.cache)
-        launches = []
-        for method, nproc, engine in sorted(missing):
-            name = "-".join([method, f"p{nproc}", *[e.split("=")[-1] for e in engine]])
-            accum = ["train.grad_accum=2"] if nproc > 1 else []  # rank count AND accumulation invariance
-            launches.append(dict(config=self.config, output_dir=self.tmp / name, nproc=nproc,
-                                 overrides=overrides(method, *engine, *accum)))
-        for key, run in zip(sorted(missing), launch_together(*launches) if launches else []):
-            self.cache[key] = run.check()
-        return [self.cache[(cell[0], cell[1], tuple(cell[2:]))] for cell in cells]
+        return launch_missing(self.cache, [(c[0], c[1], tuple(c[2:])) for c in cells], self._launch_args)
+
+    def _launch_args(self, key: tuple) -> dict:
+        method, nproc, engine = key
+        name = "-".join([method, f"p{nproc}", *[e.split("=")[-1] for e in engine]])
+        accum = ["train.grad_accum=2"] if nproc > 1 else []  # rank count AND accumulation invariance
+        return dict(config=self.config, output_dir=self.tmp / name, nproc=nproc,
+                    overrides=overrides(method, *engine, *accum))
 
 
 @pytest.fixture(scope="module")
