@@ -65,7 +65,7 @@ class Variant:
         if self.engine is not None:
             self.engine.collect_stats = False  # as in training between log steps; the baseline has none
 
-    def update(self, task: str | None = None) -> None:
+    def update(self, losses: dict | None = None, task: str | None = None) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

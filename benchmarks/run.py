@@ -48,6 +48,7 @@ from dist_mtl.data import StepLoader, prepare  # noqa: E402
 from dist_mtl.distributed import Distributed  # noqa: E402
 from dist_mtl.engine import JacobianOptions, build_engine  # noqa: E402
 from dist_mtl.models import build_model  # noqa: E402
+from dist_mtl.nonfinite import NonFiniteGuard  # noqa: E402
 from dist_mtl.trainer import build_optimizer, build_scheduler, train_step  # noqa: E402
 from dist_mtl.weighting import build_weighting  # noqa: E402
 
@@ -108,11 +109,12 @@ class Ours:
         self.engine = build_engine(backward, setup.dist, setup.model, setup.data.tasks, self.weighting, aggregate,
                                    JacobianOptions(sync, "auto", wrt))
         self.engine.collect_stats = False  # as between log steps
+        self.guard = NonFiniteGuard(setup.dist, "abort", 0)  # the default train.on_nonfinite: checked every update
 
     def step(self, i: int) -> None:
         s = self.s
         train_step(s.cfg, s.dist, self.engine, self.weighting, s.names, s.model, s.optimizer, s.scheduler,
-                   s.loader, i, need_global_losses=False)
+                   s.loader, i, self.guard, need_global_losses=False)
 
 
 class HandWritten:

@@ -8,13 +8,18 @@ Layout of ``checkpoints/step_<N>/``:
   weighting.pt           each weighting method's state: learned weights, their optimizer, loss history
   rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
 
-A checkpoint is written under ``.partial-step_<N>`` and renamed to ``step_<N>`` by the main process
-only after every rank has written its part: a crash mid-save never leaves a directory that
-``resume=auto`` would pick. Assumes ``output_dir`` is on a filesystem every rank can see.
+A checkpoint is written under ``.partial-step_<N>`` (every file fsynced, trainer_state.json last)
+and renamed to ``step_<N>`` by the main process only after every rank has written its part: a
+crash mid-save never leaves a directory that ``resume=auto`` would pick. Rotation renames a
+checkpoint to ``.deleting-step_<N>`` before deleting it, for the same reason, and only runs after
+the new one is visible, so it never deletes the newest complete checkpoint. A write that fails
+(disk full) on any rank fails on every rank together (``CheckpointError``) and leaves the earlier
+checkpoints as they were. Assumes ``output_dir`` is on a filesystem every rank can see.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,10 +27,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .distributed import Distributed
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -76,52 +83,129 @@ def find_resume_path(resume: str, output_dir: str) -> Path | None:
     return path
 
 
+class CheckpointError(RunFailed):
+    """A checkpoint could not be written (raised on every rank together); the previous ones stand."""
+
+
 def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
          tensors: dict[str, dict[str, torch.Tensor]], keep: int, objects: dict[str, dict] | None = None) -> Path:
     """Write a checkpoint for ``step`` collectively; returns its final path. ``state`` goes to
     trainer_state.json; each ``tensors[name]`` (identical on every rank) to ``<name>.safetensors``;
     each ``objects[name]`` (nested dicts of tensors and numbers, such as a weighting method's
-    parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``."""
+    parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``.
+
+    If any rank cannot write its part (disk full, quota, I/O error), every rank raises
+    ``CheckpointError`` together, the partial directory is removed and nothing else is touched."""
     final = root / f"step_{step}"
     partial = root / f".partial-step_{step}"
+    error = None
     if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
-        partial.mkdir()
-    dist.barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(partial / f"rng_rank{dist.rank}.safetensors"))
+        error = _attempt(lambda: _prepare(root, partial), root.parent)
+    error = dist.broadcast_object(error)
+    if error is None:
+        error = _attempt(lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors, objects), root.parent)
+        faults.during_save(step, dist.rank)
+    errors = [e for e in dist.all_gather_object(error) if e is not None]  # every rank's files are on disk
     if dist.is_main:
-        weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
-        save_file(weights, str(partial / "model.safetensors"))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        for name, group in tensors.items():
-            save_file({k: v.contiguous() for k, v in group.items()}, str(partial / f"{name}.safetensors"))
-        for name, obj in (objects or {}).items():
-            torch.save(obj, partial / f"{name}.pt")
-        _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
-    dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
-    if dist.is_main:
-        if final.exists():  # re-saving a step after a resume: swap, so a complete copy always exists
-            stale = root / f".stale-step_{step}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(partial, final)
-            shutil.rmtree(stale, ignore_errors=True)
+        if errors:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back; older checkpoints stay
         else:
-            os.replace(partial, final)
-        _rotate(root, keep)
+            _publish(root, partial, final)
+            _rotate(root, keep)
     dist.barrier()
+    if errors:
+        raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}")
     return final
 
 
+def _attempt(write, where: Path) -> str | None:
+    """Run ``write``; a failure to write becomes a one-line description (shared with every rank),
+    with the free space left."""
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return f"{reason} ({free} in {where})"
+    return None
+
+
+def _prepare(root: Path, partial: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for debris in root.iterdir():  # left by a run killed while saving or rotating
+        if debris.name.startswith((".partial-", ".deleting-")):
+            shutil.rmtree(debris, ignore_errors=True)
+    partial.mkdir()
+
+
+def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, state: dict,
+                 tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict] | None) -> None:
+    """This rank's files: its RNG state; on the main process everything else, trainer_state.json
+    last. Each file is fsynced, so a published checkpoint survives a node crash too."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    written = [partial / f"rng_rank{dist.rank}.safetensors"]
+    save_file(rng, str(written[0]))
+    if dist.is_main:
+        weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
+        written.append(partial / "model.safetensors")
+        save_file(weights, str(written[-1]))
+        written.append(partial / "optimizer.pt")
+        _torch_save(optimizer.state_dict(), written[-1])
+        for name, group in tensors.items():
+            written.append(partial / f"{name}.safetensors")
+            save_file({k: v.contiguous() for k, v in group.items()}, str(written[-1]))
+        for name, obj in (objects or {}).items():
+            written.append(partial / f"{name}.pt")
+            _torch_save(obj, written[-1])
+    for path in written:
+        _fsync(path)
+    if dist.is_main:
+        _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through memory: written directly, a full disk surfaces as a bare RuntimeError
+    ("unexpected pos"); a plain file write raises OSError(ENOSPC) that says what happened."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
+def _publish(root: Path, partial: Path, final: Path) -> None:
+    """Make ``partial`` visible as ``final`` with one rename (after every rank wrote its part)."""
+    if final.exists():  # re-saving a step after a resume: swap, so a complete copy always exists
+        stale = root / f".stale-{final.name}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rotate(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints. Each is renamed out of sight
+    first, so a kill mid-delete never leaves a half-deleted ``step_N`` that ``resume=auto`` could pick."""
     if keep <= 0:
         return
     for _, path in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = root / f".deleting-{path.name}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load(dist: Distributed, path: Path, model, optimizer) -> dict:

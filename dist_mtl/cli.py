@@ -1,16 +1,20 @@
 """Command line: ``dist-mtl train|validate CONFIG [key.path=value ...]`` and ``dist-mtl plot RUN_DIR``.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/data (one line on stderr, no
+Exit codes: 0 success, 1 runtime failure (a failure every rank detected together, such as
+non-finite values under ``train.on_nonfinite=abort``, is one line; anything else prints its
+traceback and then a line naming the rank), 2 bad usage/config/data (one line on stderr, no
 traceback), 3 stopped for preemption after checkpointing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from . import __version__
-from .errors import UsageError
+from .errors import RunFailed, UsageError
 
 EPILOG = """\
 examples:
@@ -81,20 +85,47 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
+        from .distributed import env_is_main
         from .preemption import EXIT_PREEMPTED, Preempted
         from .trainer import train
 
         try:
             train(cfg)
         except Preempted as e:
-            from .distributed import env_is_main
-
             if env_is_main():
                 print(f"dist-mtl: {e}", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
+        except RunFailed as e:  # every rank stopped together: one line, once
+            if env_is_main():
+                print(f"dist-mtl: error: {e}", file=sys.stderr, flush=True)
+            return 1
     except UsageError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         print("dist-mtl: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a lost peer: the traceback, then one line naming this rank
+        traceback.print_exc()
+        print(f"dist-mtl: {failure_line(e)}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def failure_line(error: BaseException) -> str:
+    """What failed, and where: under a launcher the surviving ranks see a broken collective, not
+    the cause, so they say that another rank failed first rather than blaming themselves."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    where = f"rank {rank} of {world}" if rank is not None and world != "1" else "the run"
+    message = " ".join(str(error).split())[:300]
+    if _is_peer_failure(error):
+        return (f"{where} stopped: it lost contact with another rank ({message}); another rank failed first: see "
+                "its own 'dist-mtl:' line above, or the launcher's summary, which names the failed rank")
+    return f"{where} failed: {type(error).__name__}: {message}"
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    import torch.distributed as torch_dist
+
+    text = str(error).lower()
+    return isinstance(error, torch_dist.DistError) or any(
+        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout"))

@@ -234,6 +234,21 @@ class TrainConfig:
     at the end of training (always done, recorded in run.json)."""
     deterministic: bool = False
     """Use deterministic torch algorithms (slower on GPU; needed for bitwise resume there)."""
+    on_nonfinite: Literal["abort", "skip"] = "abort"
+    """A NaN or infinite loss or gradient on ANY rank: ``abort`` checkpoints the last good step and
+    stops every rank with an error naming the task, rank and step (exit 1); ``skip`` drops that
+    update on every rank together (the step still counts), logs it and counts it in
+    ``nonfinite/skipped``. The decision is made on the reduced gradients, identical on every rank."""
+    max_consecutive_skips: int = 10
+    """With ``on_nonfinite=skip``, stop after this many skipped updates in a row (the data or the
+    model is broken, not unlucky); 0 never stops."""
+    checkpoint_required: bool = False
+    """Whether a checkpoint that cannot be written (disk full, quota, I/O error) stops the run
+    (exit 1). By default the run says so, keeps the previous checkpoints and trains on."""
+    collective_timeout_s: int = 600
+    """Seconds a collective may wait for the other ranks before the process fails (a rank that
+    hangs, a lost node). A rank that dies or raises is noticed at once on one machine: the launcher
+    stops the others."""
 
 
 @dataclass
@@ -670,6 +685,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "warmup_steps", "check_consistency_every"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", f"must be >= 0, got {t.max_consecutive_skips}")
+    _require(t.collective_timeout_s >= 1, "train.collective_timeout_s", f"must be >= 1 second, got {t.collective_timeout_s}")
     _require(t.signal_check_every > 0, "train.signal_check_every", f"must be >= 1, got {t.signal_check_every}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")

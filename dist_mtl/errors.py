@@ -17,3 +17,9 @@ class ConfigError(UsageError):
 
 class DataError(UsageError):
     """The data does not fit the config: a missing file or column, bad labels, NaNs."""
+
+
+class RunFailed(RuntimeError):
+    """A runtime failure that every rank detected together and stopped on cleanly (non-finite
+    values under ``on_nonfinite=abort``, a required checkpoint that could not be written). The CLI
+    prints ``str(error)`` as one line and exits 1."""

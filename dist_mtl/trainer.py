@@ -6,6 +6,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +25,7 @@ from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError
 from .models import MultiTaskModel, build_model
+from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tasks import Task
 from .tracking import Tracker, git_commit
 from .schedule import Schedule, TaskSampler
@@ -47,7 +50,8 @@ def train(cfg: Config) -> TrainResult:
     resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
     check_not_fsdp()
     Tracker.check_wandb(cfg, env_is_main())
-    dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir))
+    dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
+                              timeout_s=cfg.train.collective_timeout_s)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -60,6 +64,7 @@ def train(cfg: Config) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_dim, {t.name: t.out_dim for t in data.tasks})
     optimizer = build_optimizer(cfg.train, model)
+    _check_free_space(dist, run_dir, cfg.train, model)
     # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
     # num_processes times, making the schedule depend on the world size.
     scheduler = build_scheduler(cfg.train, optimizer)
@@ -77,9 +82,12 @@ def train(cfg: Config) -> TrainResult:
     engines = {phase.index: build_engine(phase.backward, dist, model, data.tasks, weightings[phase.weighting],
                                          aggregate, options) for phase in schedule.all_phases}
 
+    guard = NonFiniteGuard(dist, cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
+                           check_grads=cfg.train.mixed_precision != "fp16")
+
     # Resume: the sampler needs no state (its position is a function of the step).
     if resume_path is not None:
-        start = _resume(dist, resume_path, model, optimizer, scheduler, schedule, weightings, aggregate)
+        start = _resume(dist, resume_path, model, optimizer, scheduler, schedule, weightings, aggregate, guard)
     else:
         start = 0
         # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
@@ -90,7 +98,7 @@ def train(cfg: Config) -> TrainResult:
 
     progress = _progress_bar(cfg, dist, start)
     signals = preemption.StopSignals(dist, cfg.train.signal_check_every)
-    stop = None
+    stop, failure = None, None
     interval = Throughput()
     final_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
@@ -104,12 +112,20 @@ def train(cfg: Config) -> TrainResult:
         log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
         probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
         engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
-        result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
-                            need_global_losses=log_now or schedule.watches_losses(), probe=probe)
+        try:
+            result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
+                                guard, need_global_losses=log_now or schedule.watches_losses(), probe=probe)
+        except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
+            failure = e
+        for event in guard.take_events():
+            tracker.log_event("nonfinite", event)
+        if failure:
+            break
         interval.add(time.perf_counter() - tic)
-        for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
-            switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
-            _log_switch(tracker, progress, switch)
+        if not result.skipped:  # NaN losses would sit in the threshold window
+            for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
+                switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
+                _log_switch(tracker, progress, switch)
 
         if log_now:
             record = _train_record(cfg, result, active, loader, done, interval.take())
@@ -118,6 +134,8 @@ def train(cfg: Config) -> TrainResult:
                 record["phase"] = phase.index
             if cfg.log.comm_bytes:
                 record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
+            if cfg.train.on_nonfinite == "skip":
+                record["nonfinite/skipped"] = guard.skipped
             if cfg.log.rank_spread:
                 record.update(_rank_spread(dist, result.local_losses))
             stats = engine.stats
@@ -134,20 +152,32 @@ def train(cfg: Config) -> TrainResult:
             dist.check_consistent(model, done)
         stop = signals.should_stop(done) if done < cfg.train.max_steps else None
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
-            checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
-                            {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict()},
-                            {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
-                            cfg.train.keep_checkpoints,
-                            objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}})
+            try:
+                checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
+                                {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
+                                 "nonfinite_skipped": guard.skipped},
+                                {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
+                                cfg.train.keep_checkpoints,
+                                objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}})
+            except checkpoint.CheckpointError as e:  # raised on every rank together
+                tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
+                if cfg.train.checkpoint_required or stop:  # a preemption stop without its checkpoint fails
+                    failure = e
+                    break
+                if dist.is_main:
+                    progress.write(f"dist-mtl: warning: {e}; training goes on, the earlier checkpoints are kept "
+                                   "(train.checkpoint_required=true stops instead)", file=sys.stderr)
         progress.update(1)
         if stop:
             break
     progress.close()
     signals.restore()
-    if stop:  # every rank checkpointed step `done`; flush W&B before SLURM may kill the job
+    if stop or failure:  # every rank stops here together; flush W&B before SLURM may kill the job
         tracker.finish()
         del engines, weightings, model, optimizer, scheduler
         dist.shutdown()
+        if failure:
+            raise failure
         outcome = preemption.requeue(dist.is_main, stop)
         raise preemption.Preempted(f"{stop} received: stopped after step {done} and checkpointed it; {outcome}")
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
@@ -170,22 +200,33 @@ class StepOutput(StepResult):
     """This rank's mean loss of each task over its micro-batches."""
     weights: dict[str, float] = field(default_factory=dict)
     """The weights the step trained with."""
+    skipped: int = 0
+    """Updates of this step skipped for non-finite values (``train.on_nonfinite=skip``)."""
 
 
 def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting: Weighting, active: list[str],
-               model: nn.Module, optimizer, scheduler, loader: StepLoader, step: int,
+               model: nn.Module, optimizer, scheduler, loader: StepLoader, step: int, guard: NonFiniteGuard,
                need_global_losses: bool = True, probe: bool = False) -> StepOutput:
     """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
     training the ``active`` tasks with ``weighting``, whose inputs are reduced across ranks first.
+    ``guard`` skips (or stops at) an update with non-finite values, on every rank together.
     ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
     micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
+    faults.corrupt(step + 1, dist.rank, micro_batches)
     if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
         weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
     if probe:
         engine.probe_conflict(step, micro_batches, active)
     weights = weighting.weights(step)
 
-    def update(task: str | None = None) -> None:
+    def update(losses: dict[str, Tensor], task: str | None = None) -> None:
+        learned = weighting.parameters(active)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not guard.allows(step, losses, grads + [p.grad for p in learned if p.grad is not None], task):
+            optimizer.zero_grad(set_to_none=True)
+            for p in learned:
+                p.grad = None
+            return
         # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.
         encoder = optimizer.param_groups[0]
         scheduled_lr = encoder["lr"]
@@ -199,13 +240,17 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
         encoder["lr"] = scheduled_lr
 
     model.train()
+    skipped_before = guard.skipped
     losses = engine.run(step, micro_batches, update, active)
-    scheduler.step()
+    scheduler.step()  # also after a skipped update: the schedule is a function of the step
 
-    out = StepOutput(step, active=list(active), local_losses=losses, weights=weights)
+    out = StepOutput(step, active=list(active), local_losses=losses, weights=weights,
+                     skipped=guard.skipped - skipped_before)
     if need_global_losses or weighting.uses_losses:
         out.losses = _global(dist, losses)
     task_grads = engine.take_task_grads()
+    if out.skipped:  # on every rank together: keep the non-finite values out of the weighting's state
+        return out
     if task_grads:  # GradNorm: the norm of the GLOBAL gradient, not of each rank's (T x |W| numbers)
         dist.all_reduce_grads_(list(task_grads.values()))
         out.task_grads = task_grads
@@ -216,9 +261,10 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
 
 
 def _resume(dist: Distributed, path: Path, model: nn.Module, optimizer, scheduler, schedule: Schedule,
-            weightings: dict[str, Weighting], aggregate) -> int:
+            weightings: dict[str, Weighting], aggregate, guard: NonFiniteGuard) -> int:
     """Restore everything a checkpoint holds; returns its step."""
     state = checkpoint.load(dist, path, model, optimizer)
+    guard.skipped = state.get("nonfinite_skipped", 0)
     scheduler.load_state_dict(state["scheduler"])
     if "schedule" in state:
         schedule.load_state_dict(state["schedule"])
@@ -346,8 +392,6 @@ class Throughput:
 
 
 def _progress_bar(cfg: Config, dist: Distributed, start: int):
-    import sys
-
     from tqdm.auto import tqdm
 
     # In a log file (SLURM, CI) redraw rarely instead of writing a line every 0.1 s.
@@ -357,12 +401,40 @@ def _progress_bar(cfg: Config, dist: Distributed, start: int):
 
 
 def _check_output_dir(run_dir: Path) -> None:
+    """Refuse (exit 2, every rank, before any process group) an output_dir that cannot be created
+    or written: a probe file is really written and fsynced, which also catches a full disk, a
+    read-only mount or an exhausted quota, and works for root, for whom permission bits lie."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError("output_dir", f"cannot create {run_dir}: {e.strerror}") from None
-    if not os.access(run_dir, os.W_OK):
-        raise ConfigError("output_dir", f"{run_dir} is not writable")
+    probe = run_dir / f".write-test-{platform.node()}-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError("output_dir", f"cannot write to {run_dir}: {e.strerror}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _check_free_space(dist: Distributed, run_dir: Path, t: TrainConfig, model: nn.Module) -> None:
+    """Refuse (exit 2, before training) an output_dir whose free space cannot hold one checkpoint
+    plus the final model: the weights, the optimizer's state (AdamW: 2 per weight) and the final
+    copy, estimated from the parameter count. Decided on the main process for every rank."""
+    if dist.is_main:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        states = 2 if t.optimizer == "adamw" else (1 if t.momentum else 0)
+        needed = weights * (2 + states) + 2**16  # + 64 KiB for logs, configs and small states
+        free = shutil.disk_usage(run_dir).free
+        error = (None if free >= needed else
+                 f"{run_dir} has {free / 2**20:.1f} MiB free, but a checkpoint and the final model need about "
+                 f"{needed / 2**20:.1f} MiB; free some space or choose another output_dir")
+    error = dist.broadcast_object(error if dist.is_main else None)
+    if error:
+        raise ConfigError("output_dir", error)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class Run:
     stdout: str
     stderr: str
     output_dir: Path
+    seconds: float = 0.0
+    """Wall time from the launch to the exit of the whole (launcher) process tree."""
 
     def json(self, name: str) -> dict:
         return json.loads((self.output_dir / name).read_text())
@@ -86,8 +89,9 @@ def launch(config: Path, output_dir: Path, overrides: list[str] = (), nproc: int
                "--master_port", str(free_port()), "-m", "dist_mtl", *args]
     else:
         raise ValueError(launcher)
+    started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
-    return Run(proc.returncode, proc.stdout, proc.stderr, Path(output_dir))
+    return Run(proc.returncode, proc.stdout, proc.stderr, Path(output_dir), time.monotonic() - started)
 
 
 def launch_together(*launches: dict) -> list[Run]:

@@ -45,7 +45,7 @@ def one_step(setup, mode: str, scaler, batch=None):
     engine = BACKWARDS[mode](dist, model, data.tasks, build_weighting(cfg),
                              build_aggregation("sum", {}, len(data.tasks), cfg.seed))
 
-    def update(task=None):
+    def update(losses, task=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

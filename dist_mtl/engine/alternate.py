@@ -28,6 +28,6 @@ class AlternateEngine(BackwardEngine):
                     losses = self.losses(batch, only=[name])
                     self.backward(self.weighted_terms(losses, step, accum)[name] / accum)
                     self.accumulate(totals, losses, accum)  # the task's loss before its own update
-            self.reduce_grads(self.trainable([name]))
-            update(task=name)
+            self.reduce_grads(self.trainable([name]), {name: totals[name]})
+            update({name: totals[name]}, task=name)
         return totals

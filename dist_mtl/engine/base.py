@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..aggregation import Aggregation
 from ..distributed import Distributed
+from ..nonfinite import all_finite
 from ..tasks import Task
 from ..weighting import Weighting
 
@@ -19,8 +20,10 @@ Piece = tuple[Tensor, dict[str, Tensor]]
 Batch = list[Piece]
 """One micro-step: a piece per dataset that has an active task (one piece for shared-input tasks)."""
 Update = Callable[..., None]
-"""Applies the current gradients: clip, optimizer step, zero grads. ``update(task=name)`` marks a
-per-task step (the ``alternate`` engine), so the trainer can apply that task's learning rate."""
+"""Applies the current (reduced) gradients: clip, optimizer step, zero grads; or skips them if they
+are non-finite. ``update(losses)`` gets this rank's losses of the tasks being updated (to name
+them if the update is skipped); ``update(losses, task=name)`` marks a per-task step (the
+``alternate`` engine), so the trainer can apply that task's learning rate."""
 
 
 @dataclass(frozen=True)
@@ -171,15 +174,29 @@ class BackwardEngine:
         parameters for them (uncertainty, learnable), in a fixed order."""
         return self.module.shared_parameters() + self.module.head_parameters(active) + self.weighting.parameters(active)
 
-    def reduce_grads(self, params: list[nn.Parameter]) -> None:
+    def reduce_grads(self, params: list[nn.Parameter], losses: dict[str, Tensor]) -> None:
         """One coalesced all-reduce (mean over ranks) of these parameters' gradients. A parameter
-        that got no gradient on this step contributes zeros so every rank sends the same layout."""
+        that got no gradient on this step contributes zeros so every rank sends the same layout.
+        ``losses`` are this rank's losses behind them (see ``poison``)."""
         grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
+        self.poison(losses, grads)
         self.dist.all_reduce_grads_(grads)
+
+    @staticmethod
+    def poison(losses: dict[str, Tensor], tensors: list[Tensor]) -> bool:
+        """Before a reduction: fill ``tensors`` (this rank's share) with NaN if one of this rank's
+        ``losses`` is non-finite, so the reduced values show it on EVERY rank and every rank skips
+        or stops together (``train.on_nonfinite``). A loss can be infinite while its gradient is
+        finite, so the gradient alone would not tell. Returns whether it poisoned. One host sync."""
+        if all_finite(list(losses.values())):
+            return False
+        for t in tensors:
+            t.fill_(float("nan"))
+        return True
 
     def backward(self, loss: Tensor, **kwargs) -> None:
         """``loss.backward`` through Accelerate, which applies the fp16 loss scale when there is one."""

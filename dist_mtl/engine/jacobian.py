@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nonfinite import all_finite
 from .base import Batch, BackwardEngine, Update, conflict_stats, task_jacobian
 
 
@@ -45,11 +46,16 @@ class JacobianEngine(BackwardEngine):
 
         scale = self._loss_scale()
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
+        trained = {name: totals[name] for name in active}
+        self.poison(trained, [jacobian, *head_grads])
         if self.options.sync == "global":
             self.dist.all_reduce_grads_([jacobian, *head_grads])
         if scale != 1.0:  # fp16: unscale once after the reduction (each pass costs T x P memory traffic)
             jacobian /= scale
-        combined = self.aggregate(jacobian, step)
+        if all_finite([jacobian]):
+            combined = self.aggregate(jacobian, step)
+        else:  # the update will be skipped or stop the run: keep the aggregator's state out of it
+            combined = jacobian.new_full((jacobian.shape[1],), float("nan"))
         if scale != 1.0:
             combined = combined * scale
         if self.options.sync != "global":
@@ -63,5 +69,5 @@ class JacobianEngine(BackwardEngine):
         for p in shared:
             p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        update()
+        update(trained)
         return totals

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nonfinite import all_finite
 from .base import Batch, BackwardEngine, Update, conflict_stats
 
 
@@ -50,9 +51,14 @@ class FeatureJacobianEngine(BackwardEngine):
                 terms.update({n: piece_terms[n] / accum for n in names})
             retained.append(terms)
 
+        trained = {name: totals[name] for name in active}
+        self.poison(trained, [gram])
         self.dist.all_reduce_grads_([gram])  # the mean over ranks ...
         gram /= self.dist.world_size  # ... divided by world is sum_r G_r / world^2, the global Gramian
-        weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
+        if all_finite([gram]):
+            weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
+        else:  # the update will be skipped or stop the run: keep the aggregator out of it
+            weights = gram.new_full((len(active),), float("nan"), dtype=torch.float32)
         shared = self.module.shared_parameters()
         heads = self.module.head_parameters(active) + self.weighting.parameters(active)  # + learned weights
         for m, terms in enumerate(retained):
@@ -61,8 +67,8 @@ class FeatureJacobianEngine(BackwardEngine):
             # The encoder follows the weighted objective; each head follows its own task's loss.
             self.backward(weighted, inputs=shared, retain_graph=True)
             self.backward(sum(terms.values()), inputs=heads, retain_graph=not last)
-        self.reduce_grads(self.trainable(active))
+        self.reduce_grads(self.trainable(active), trained)
         if self.collect_stats:
             self.stats = conflict_stats(gram, active, weights)
-        update()
+        update(trained)
         return totals

@@ -24,6 +24,7 @@ class PerTaskEngine(BackwardEngine):
                 for i, name in enumerate(active):
                     self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
                 self.accumulate(totals, losses, accum)
-        self.reduce_grads(self.trainable(active))
-        update()
+        trained = {name: totals[name] for name in active}
+        self.reduce_grads(self.trainable(active), trained)
+        update(trained)
         return totals

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 from torch import Tensor
 
+from ..nonfinite import all_finite
 from .base import Batch, BackwardEngine, Update
 
 
@@ -33,16 +34,19 @@ class SumEngine(BackwardEngine):
                 sync = nullcontext() if m == accum - 1 else self.local()
             with sync:
                 losses = self.losses(batch)
+                self.accumulate(totals, losses, accum)
+                trained = {name: totals[name] for name in active}
                 # Each piece holds the same number of samples, so averaging the per-piece means
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
+                if use_ddp and m == accum - 1 and not all_finite(list(trained.values())):
+                    objective = objective * float("nan")  # DDP reduces inside backward: poison it here
                 self.backward(objective if accum == 1 else objective / accum)
-            self.accumulate(totals, losses, accum)
         learned = self.weighting.parameters(active)
         if not use_ddp:
-            self.reduce_grads(self.trainable(active))
+            self.reduce_grads(self.trainable(active), trained)
         elif learned:  # learned weights are not in DDP's buckets: T numbers
-            self.reduce_grads(learned)
-        update()
+            self.reduce_grads(learned, trained)
+        update(trained)
         return totals

@@ -1,0 +1,98 @@
+"""Non-finite losses and gradients (``train.on_nonfinite``): one decision on every rank.
+
+The decision is made on the *reduced* gradients, which are bitwise identical on every rank, so
+every rank decides the same without any extra collective. A non-finite loss always reaches them:
+the engines turn a rank's gradients to NaN before the reduction when one of its own losses is
+non-finite (``BackwardEngine.poison``), since a loss can be infinite while its gradient is finite
+(cross-entropy of a ``-inf`` logit). Only once a step is found bad do the ranks exchange their own
+losses, to say which task and which rank.
+
+Cost per update: a finiteness test of the T local losses and one of the gradients' total norm
+(two host syncs on a GPU, as ``GradScaler`` has). Under fp16 the gradients are left to the loss
+scaler, which skips overflowing steps by design; the losses are still checked, with one all-reduce
+of one number per update.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import Tensor
+
+from .distributed import Distributed
+from .errors import RunFailed
+
+
+class NonFiniteError(RunFailed):
+    """``on_nonfinite=abort`` (or too many skips in a row): the CLI prints it as one line, exit 1."""
+
+
+def all_finite(values: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host sync). The sum of the norms is
+    non-finite iff some element is: norms are >= 0, so no ``inf - inf``."""
+    if not values:
+        return True
+    return bool(torch.stack(torch._foreach_norm([v.detach() for v in values])).sum().isfinite())
+
+
+class NonFiniteGuard:
+    """Checks each update; on a bad one, skips it on every rank or stops every rank."""
+
+    def __init__(self, dist: Distributed, mode: str, max_consecutive: int, check_grads: bool = True) -> None:
+        self.dist, self.mode, self.max_consecutive, self.check_grads = dist, mode, max_consecutive, check_grads
+        self.skipped = 0
+        """Updates skipped so far in this process's run (logged as ``nonfinite/skipped``)."""
+        self.consecutive = 0
+        self.events: list[dict] = []
+        """What was skipped since the trainer last took them (``take_events``)."""
+
+    def allows(self, step: int, local_losses: dict[str, Tensor], grads: list[Tensor], task: str | None = None) -> bool:
+        """Whether to apply this update. ``grads`` are the reduced gradients (identical on every
+        rank), so the answer is the same on every rank; a False is counted, or raises on abort."""
+        if self.check_grads:
+            finite = all_finite(grads)
+        else:  # fp16: the local losses, made global (one all-reduce of one number)
+            flag = torch.tensor([float(all_finite(list(local_losses.values())))], device=self.dist.device)
+            finite = bool(self.dist.min_max(flag)[0].item())
+        if finite:
+            self.consecutive = 0
+            return True
+        # Rare path, taken by every rank together: find out who and what.
+        where = self.dist.all_gather_object({name: float(v) for name, v in local_losses.items()})
+        bad = {name: {rank: value for rank, losses in enumerate(where) if not math.isfinite(value := losses[name])}
+               for name in local_losses}
+        bad = {name: ranks for name, ranks in bad.items() if ranks}
+        what = describe(bad)
+        update = f"step {step + 1}" + (f" (task {task!r}'s update)" if task else "")
+        event = {"step": step + 1, "task_update": task, "action": self.mode,
+                 "losses": {name: {str(r): str(v) for r, v in ranks.items()} for name, ranks in bad.items()}}
+        if self.mode == "abort":
+            self.events.append(event)
+            raise NonFiniteError(f"non-finite {what} at {update}; stopped (train.on_nonfinite=abort). "
+                                 "Set train.on_nonfinite=skip to skip such updates, or lower train.lr / set "
+                                 "train.grad_clip")
+        self.skipped += 1
+        self.consecutive += 1
+        self.events.append(event)
+        if self.dist.is_main:
+            print(f"dist-mtl: skipped {update} on every rank: non-finite {what} "
+                  f"({self.skipped} skipped so far)", file=sys.stderr, flush=True)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} updates in a row had non-finite values (last: {what} at "
+                                 f"{update}); stopped (train.max_consecutive_skips={self.max_consecutive})")
+        return False
+
+    def take_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+def describe(bad: dict[str, dict[int, float]]) -> str:
+    """``loss of task 't1' (nan on rank 1)``, or ``gradient`` when every loss was finite."""
+    if not bad:
+        return "gradient (every task's loss is finite)"
+    parts = [f"task {name!r} ({', '.join(f'{v} on rank {r}' for r, v in ranks.items())})"
+             for name, ranks in bad.items()]
+    return "loss of " + "; ".join(parts)
