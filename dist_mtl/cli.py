@@ -27,13 +27,15 @@ examples:
   dist-mtl plot runs/diamonds                             (PNG charts in runs/diamonds/plots/)
   dist-mtl train configs/diamonds.yaml log.wandb=online log.group=sweep1 log.tags=[lr,wide]
   dist-mtl train configs/diamonds.yaml log.wandb_per_rank=true    (one W&B run per rank, grouped)
+  dist-mtl train configs/diamonds.yaml train.on_nonfinite=skip     (skip NaN/inf updates on every rank)
 
 several processes (CPU machines get gloo ranks; GPUs get NCCL):
   accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m dist_mtl train configs/diamonds.yaml
   torchrun --nproc_per_node 2 -m dist_mtl train configs/diamonds.yaml
   (`accelerate launch --cpu --num_processes N` starts ONE process; use launch/cpu.yaml instead)
 
-exit codes: 0 ok, 1 runtime failure, 2 bad usage/config/data, 3 preempted after a checkpoint
+exit codes: 0 ok, 1 runtime failure (names the failed rank), 2 bad usage/config/data,
+  3 preempted after a checkpoint
 """
 
 
@@ -118,8 +120,8 @@ def failure_line(error: BaseException) -> str:
     where = f"rank {rank} of {world}" if rank is not None and world != "1" else "the run"
     message = " ".join(str(error).split())[:300]
     if _is_peer_failure(error):
-        return (f"{where} stopped: it lost contact with another rank ({message}); another rank failed first: see "
-                "its own 'dist-mtl:' line above, or the launcher's summary, which names the failed rank")
+        return (f"{where} stopped: it lost contact with another rank ({message}); another rank failed or hung "
+                "first: see its own 'dist-mtl:' line above, or the launcher's summary, which names the failed rank")
     return f"{where} failed: {type(error).__name__}: {message}"
 
 

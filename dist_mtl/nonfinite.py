@@ -50,9 +50,10 @@ class NonFiniteGuard:
 
     def allows(self, step: int, local_losses: dict[str, Tensor], grads: list[Tensor], task: str | None = None) -> bool:
         """Whether to apply this update. ``grads`` are the reduced gradients (identical on every
-        rank), so the answer is the same on every rank; a False is counted, or raises on abort."""
-        if self.check_grads:
-            finite = all_finite(grads)
+        rank, and non-finite on every rank if one rank's own loss was: see ``poison``), so the
+        answer is the same on every rank; a False is counted, or raises on abort."""
+        if self.check_grads:  # this rank's own losses too: a no-op on several processes (see poison)
+            finite = all_finite(grads + list(local_losses.values()))
         else:  # fp16: the local losses, made global (one all-reduce of one number)
             flag = torch.tensor([float(all_finite(list(local_losses.values())))], device=self.dist.device)
             finite = bool(self.dist.min_max(flag)[0].item())

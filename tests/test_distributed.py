@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (REPO, RTOL, TINY, assert_ranks_identical, child_env, free_port, launch,
+from conftest import (REPO, RTOL, TINY, assert_ranks_identical, child_env, free_port, launch, launch_together,
                       max_relative_difference, weights_equal, write_config)
 from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, prepare
@@ -29,12 +29,13 @@ def oracle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("oracle")
     config = write_config(tmp / "tiny.yaml", TINY)
     common = ["log.every=1"]
-    return {
-        "1": launch(config, tmp / "p1", common).check(),
-        "1ga2": launch(config, tmp / "p1ga2", common + ["train.grad_accum=2"]).check(),
-        "2": launch(config, tmp / "p2", common, nproc=2, launcher="accelerate").check(),
-        "2ga2": launch(config, tmp / "p2ga2", common + ["train.grad_accum=2"], nproc=2, launcher="torchrun").check(),
-    }
+    runs = launch_together(
+        dict(config=config, output_dir=tmp / "p1", overrides=common),
+        dict(config=config, output_dir=tmp / "p2", overrides=common, nproc=2, launcher="accelerate"),
+        dict(config=config, output_dir=tmp / "p1ga2", overrides=common + ["train.grad_accum=2"]),
+        dict(config=config, output_dir=tmp / "p2ga2", overrides=common + ["train.grad_accum=2"], nproc=2,
+             launcher="torchrun"))
+    return dict(zip(["1", "2", "1ga2", "2ga2"], (run.check() for run in runs)))
 
 
 @pytest.mark.parametrize("name, world", [("1ga2", 1), ("2", 2), ("2ga2", 2)])

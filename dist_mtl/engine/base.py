@@ -186,13 +186,13 @@ class BackwardEngine:
         self.poison(losses, grads)
         self.dist.all_reduce_grads_(grads)
 
-    @staticmethod
-    def poison(losses: dict[str, Tensor], tensors: list[Tensor]) -> bool:
+    def poison(self, losses: dict[str, Tensor], tensors: list[Tensor]) -> bool:
         """Before a reduction: fill ``tensors`` (this rank's share) with NaN if one of this rank's
         ``losses`` is non-finite, so the reduced values show it on EVERY rank and every rank skips
         or stops together (``train.on_nonfinite``). A loss can be infinite while its gradient is
-        finite, so the gradient alone would not tell. Returns whether it poisoned. One host sync."""
-        if all_finite(list(losses.values())):
+        finite, so the gradient alone would not tell. Returns whether it poisoned. One host sync on
+        several processes; nothing on one, where the guard sees the losses themselves."""
+        if not self.dist.distributed or all_finite(list(losses.values())):
             return False
         for t in tensors:
             t.fill_(float("nan"))

@@ -52,7 +52,7 @@ class JacobianEngine(BackwardEngine):
             self.dist.all_reduce_grads_([jacobian, *head_grads])
         if scale != 1.0:  # fp16: unscale once after the reduction (each pass costs T x P memory traffic)
             jacobian /= scale
-        if all_finite([jacobian]):
+        if all_finite([jacobian, *trained.values()]):  # the same answer on every rank (global sync)
             combined = self.aggregate(jacobian, step)
         else:  # the update will be skipped or stop the run: keep the aggregator's state out of it
             combined = jacobian.new_full((jacobian.shape[1],), float("nan"))

@@ -55,7 +55,7 @@ class FeatureJacobianEngine(BackwardEngine):
         self.poison(trained, [gram])
         self.dist.all_reduce_grads_([gram])  # the mean over ranks ...
         gram /= self.dist.world_size  # ... divided by world is sum_r G_r / world^2, the global Gramian
-        if all_finite([gram]):
+        if all_finite([gram, *trained.values()]):  # the same answer on every rank
             weights = self.aggregate.weights_from_gramian(gram.float(), step).to(gram.device)
         else:  # the update will be skipped or stop the run: keep the aggregator out of it
             weights = gram.new_full((len(active),), float("nan"), dtype=torch.float32)

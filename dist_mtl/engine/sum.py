@@ -40,7 +40,7 @@ class SumEngine(BackwardEngine):
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
-                if use_ddp and m == accum - 1 and not all_finite(list(trained.values())):
+                if use_ddp and m == accum - 1 and self.dist.distributed and not all_finite(list(trained.values())):
                     objective = objective * float("nan")  # DDP reduces inside backward: poison it here
                 self.backward(objective if accum == 1 else objective / accum)
         learned = self.weighting.parameters(active)
