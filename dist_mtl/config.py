@@ -7,6 +7,7 @@ Validation runs before any process group or data work starts, so a bad config co
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -66,7 +67,8 @@ class DataConfig:
     val_fraction: float = 0.1
     """Fraction of rows held out for validation, chosen deterministically from ``seed``."""
     dropna: bool = False
-    """Drop rows with a missing or NaN feature or target. By default such rows are an error."""
+    """Drop rows with a missing, NaN or infinite (inf, -inf) feature or target. By default such
+    rows are an error naming the column."""
     standardize: bool = True
     """Standardise features with the training split's mean and standard deviation."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -80,7 +82,8 @@ class TaskConfig:
     name: str
     """Unique task name (letters, digits, underscores); used in metric keys and head names."""
     kind: TaskKind = "regression"
-    """``regression`` (one output), ``classification`` (classes read from the data) or ``binary``."""
+    """``regression`` (one output), ``classification`` (classes read from the data, or
+    ``num_classes``) or ``binary``."""
     target: str | None = None
     """Target column. Default: the task name."""
     loss: str | None = None
@@ -91,6 +94,11 @@ class TaskConfig:
     """Regression only: transform applied to the target before standardising (e.g. log price)."""
     standardize: bool = True
     """Regression only: standardise the (transformed) target with training-split statistics."""
+    num_classes: int | None = None
+    """Classification only: the number of classes. The labels must then be integers in
+    ``[0, num_classes)`` and each label is its own class index, so classes absent from the data
+    still get a head output (other labels are an error naming the column). Default: the distinct
+    values in the data, sorted, are the classes."""
     data: DataConfig | None = None
     """This task's own dataset (same number of input features as the others). Default: the
     top-level ``data``. Each dataset costs one forward per step."""
@@ -345,11 +353,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        nested = None
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, arg, key)
-            except ConfigError:
-                continue
+            except ConfigError as e:
+                if e.key != key and nested is None:  # the right shape, with a bad key or value inside
+                    nested = e
+        if nested is not None:
+            raise nested
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -375,16 +387,26 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"expected an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(key, f"expected a 64-bit integer, got {value}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = value.strip()  # YAML 1.1 reads 3e-3 (no dot) as a string
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # YAML reads log.group=12345 (a SLURM job id) as a number
+        if type(value) is datetime.date:
+            return value.isoformat()  # and run_name: 2024-05-01 as a date
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
         return value
@@ -400,7 +422,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
+        shown = name if isinstance(name, str) and name.strip() == name and name else repr(name)  # '' or ' a'
+        key = f"{prefix}.{shown}" if prefix else str(shown)
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
@@ -418,13 +441,28 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 class _SafeLoaderNoDupes(yaml.SafeLoader):
-    """SafeLoader (so ``!!python`` tags are refused) that also rejects duplicate keys."""
+    """SafeLoader (so ``!!python`` tags are refused) that also rejects duplicate keys, and reports
+    scalars that its constructors cannot read (``2001-13-45``, ``!!int x``) as YAML errors with a
+    position rather than as bare ValueErrors."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            shown = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]}{shown}: {e}", node.start_mark) from None
 
 
 def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (list, dict, set)):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping key must be a scalar, not a {type(key).__name__}", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -440,9 +478,15 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_SafeLoaderNoDupes)  # noqa: S506 - safe subclass
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=_SafeLoaderNoDupes)  # noqa: S506 - safe subclass
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -495,13 +539,18 @@ def _list_index(items: list, part: str, key: str) -> int:
 
 
 def _resolve_paths(data: dict, base: Path) -> None:
-    """Make relative ``data.path`` values (top level and per task) absolute against ``base``."""
-    blocks = [data.get("data")] + [t.get("data") for t in data.get("tasks") or [] if isinstance(t, dict)]
-    for block in blocks:
+    """Make relative ``data.path`` values (top level and per task) absolute against ``base``.
+    Values of the wrong type are left for ``_build`` to refuse with their key."""
+    tasks = data.get("tasks")
+    blocks = [("data", data.get("data"))] + [(f"tasks[{i}].data", t.get("data"))
+                                             for i, t in enumerate(tasks if isinstance(tasks, list) else [])
+                                             if isinstance(t, dict)]
+    for key, block in blocks:
         if not isinstance(block, dict) or block.get("source") == "hub":
             continue
         path = block.get("path")
         if isinstance(path, str) and path and not os.path.isabs(path):
+            _require("\0" not in path, f"{key}.path", f"contains a NUL character: {path!r}")
             block["path"] = str((base / path).resolve())
 
 
@@ -540,13 +589,22 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     relative to the working directory. ``world_size`` defaults to ``$WORLD_SIZE`` (1 if unset) and
     is used to check that the global batch divides evenly.
     """
-    data = read_config_file(path) if path is not None else {}
-    for override in overrides:
-        apply_override(data, override)
-    _resolve_paths(data, Path.cwd())
-    cfg = _build(Config, data, "")
-    validate(cfg, world_size=world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        data = read_config_file(path) if path is not None else {}
+        for override in overrides:
+            apply_override(data, override)
+        _resolve_paths(data, Path.cwd())
+        cfg = _build(Config, data, "")
+        validate(cfg, world_size=world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:  # keys and values come from the user: a newline in one must not split the line
+        e.key, e.args = one_line(e.key), (one_line(str(e)),)
+        raise
     return cfg
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``), so that an error stays one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -583,6 +641,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .tasks import LOSSES
     from .weighting import WEIGHTINGS, build_weighting
 
+    _require(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got {cfg.seed}")
     _validate_data(cfg.data, "data")
     if not cfg.tasks and cfg.data.source == "synthetic":
         cfg.tasks = [TaskConfig(name=f"t{i}", kind="regression", target=f"t{i}")
@@ -603,8 +662,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(task.transform == "none" or task.kind == "regression", f"{key}.transform",
                  "a target transform applies to regression tasks only")
         _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
+        if task.num_classes is not None:
+            _require(task.kind == "classification", f"{key}.num_classes",
+                     f"applies to classification tasks only (this task's kind is {task.kind!r}); remove it")
+            _require(task.num_classes >= 2, f"{key}.num_classes", f"must be at least 2, got {task.num_classes}")
         if task.data is not None:
             _validate_data(task.data, f"{key}.data")
+    for i, task in enumerate(cfg.tasks):
+        d = task.data or cfg.data
+        if d.source == "synthetic":  # its columns are known without loading anything
+            _require(_is_synthetic_column(task.target, d.synthetic), f"tasks[{i}].target",
+                     f"column {task.target!r} is not in the synthetic data; targets: "
+                     f"{_name_range('t', d.synthetic.num_tasks)}")
 
     m = cfg.model
     _check_name(m.encoder, ENCODERS, "model.encoder")
@@ -623,6 +692,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(1 <= mtl.tasks_per_step <= len(cfg.tasks), "mtl.tasks_per_step",
              f"must be between 1 and the number of tasks ({len(cfg.tasks)}), got {mtl.tasks_per_step}")
     _require(mtl.sampling_alpha >= 0, "mtl.sampling_alpha", f"must be >= 0, got {mtl.sampling_alpha}")
+    for name in ("weighting_args", "aggregator_args"):  # free-form: their numbers are not checked by type
+        _require_finite(getattr(mtl, name), f"mtl.{name}")
     modes = {mtl.backward}
     weightings = [(mtl.weighting, mtl.weighting_args, "mtl.weighting_args")]  # built once train.* is checked
     previous = 0
@@ -657,12 +728,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             _check_name(phase.weighting, WEIGHTINGS, f"{key}.weighting")
         _require(phase.weighting_args is None or phase.weighting is not None, f"{key}.weighting_args",
                  "needs the phase's own weighting (set weighting too, or use mtl.weighting_args)")
+        if phase.weighting_args is not None:
+            _require_finite(phase.weighting_args, f"{key}.weighting_args")
         if phase.weighting is not None:
             weightings.append((phase.weighting, phase.weighting_args or {}, f"{key}.weighting_args"))
     if "jacobian" in modes:
         _require(mtl.aggregator != "none", "mtl.aggregator",
                  f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
         _check_name(mtl.aggregator, AGGREGATORS, "mtl.aggregator")
+        if mtl.aggregator in _ALL_TASKS_AGGREGATORS:  # its solver's problem is built for T tasks, once
+            partial = (["mtl.tasks_per_step"] if mtl.task_sampling == "sample" and mtl.tasks_per_step < len(cfg.tasks)
+                       else []) + [f"mtl.schedule[{i}].tasks" for i, p in enumerate(mtl.schedule)
+                                   if (p.backward or mtl.backward) == "jacobian" and p.tasks is not None
+                                   and len(p.tasks) < len(cfg.tasks)]
+            _require(len(cfg.tasks) >= 2 and not partial, "mtl.aggregator",
+                     f"{mtl.aggregator} needs the gradients of every task (at least 2) at every jacobian step; "
+                     + (f"{partial[0]} trains fewer" if partial else f"there are {len(cfg.tasks)}"))
         if mtl.jacobian_wrt == "features":
             _require(mtl.aggregator in GRAMIAN_AGGREGATORS, "mtl.aggregator",
                      f"jacobian_wrt: features needs a Gramian-based aggregator; allowed: {', '.join(GRAMIAN_AGGREGATORS)}")
@@ -674,6 +755,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError("mtl.aggregator", str(e)) from None
         except (TypeError, ValueError) as e:
             raise ConfigError("mtl.aggregator_args", f"{mtl.aggregator}: {' '.join(str(e).split())}") from None
+        except Exception as e:  # torchjd checks some arguments only by using them (a list for a tensor)
+            raise ConfigError("mtl.aggregator_args", f"{mtl.aggregator}: invalid arguments {mtl.aggregator_args} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     else:
         _require(mtl.aggregator == "none", "mtl.aggregator",
                  f"{mtl.aggregator!r} combines per-task gradients and needs mtl.backward: jacobian "
@@ -712,20 +796,61 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              "log.run_id", f"must be 1-64 letters, digits, '-' or '_', got {cfg.log.run_id!r}")
     for name, args, key in weightings:  # built once: a bad argument exits 2 here rather than mid-run
         build_weighting(cfg, name, args, key=key)
-    _require(bool(cfg.output_dir), "output_dir", "must not be empty")
+    _require(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir",
+             f"must be a non-empty path without NUL characters, got {cfg.output_dir!r}")
+
+
+_ALL_TASKS_AGGREGATORS = ("nashmtl",)
+"""Aggregators that fail on fewer rows than the number of tasks they were built for."""
 
 
 def _validate_data(d: DataConfig, key: str) -> None:
     _require(0.0 < d.val_fraction < 1.0, f"{key}.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _require(d.features is None or len(d.features) > 0, f"{key}.features",
+             "the list is empty; name at least one input column, or omit it for every numeric column")
+    twice = sorted({name for name in d.features or [] if d.features.count(name) > 1})
+    _require(not twice, f"{key}.features", f"lists column {twice[0]!r} twice" if twice else "")
     if d.source == "synthetic":
         s = d.synthetic
         for name in ("num_samples", "input_dim", "num_tasks"):
             _require(getattr(s, name) > 0, f"{key}.synthetic.{name}", f"must be a positive integer, got {getattr(s, name)}")
         _require(s.input_dim > s.num_tasks, f"{key}.synthetic.input_dim",
                  f"must exceed num_tasks ({s.num_tasks}) so task directions fit, got {s.input_dim}")
+        val_rows = math.ceil(d.val_fraction * s.num_samples)  # as datasets' train_test_split counts
+        _require(0 < val_rows < s.num_samples, f"{key}.synthetic.num_samples",
+                 f"{s.num_samples} rows leave an empty training or validation split with val_fraction "
+                 f"{d.val_fraction} ({s.num_samples - val_rows} train, {val_rows} validation)")
         _require(0.0 <= s.conflict <= 1.0, f"{key}.synthetic.conflict", f"must be in [0, 1], got {s.conflict}")
         _require(s.noise >= 0, f"{key}.synthetic.noise", f"must be >= 0, got {s.noise}")
+        for name in d.features or []:
+            _require(_is_synthetic_column(name, s), f"{key}.features",
+                     f"column {name!r} is not in the synthetic data; inputs: {_name_range('x', s.input_dim)}, "
+                     f"targets: {_name_range('t', s.num_tasks)}")
         return
     _require(bool(d.path), f"{key}.path", f"is required for source {d.source!r}")
+    _require("\0" not in d.path, f"{key}.path", f"contains a NUL character: {d.path!r}")
     if d.source != "hub":
         _require(os.path.exists(d.path), f"{key}.path", f"file not found: {d.path}")
+
+
+def _is_synthetic_column(name: str, s: SyntheticConfig) -> bool:
+    """Whether the generator makes column ``name``: an input ``x0 ..`` or a target ``t0 ..``."""
+    match = re.fullmatch(r"([xt])(0|[1-9][0-9]*)", name)
+    return match is not None and int(match[2]) < (s.input_dim if match[1] == "x" else s.num_tasks)
+
+
+def _name_range(prefix: str, count: int) -> str:
+    return f"{prefix}0" if count == 1 else f"{prefix}0 .. {prefix}{count - 1}"
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """Refuse NaN and infinite numbers anywhere in a free-form (``Any``) value, naming the key."""
+    stack = [(value, key)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(where, f"must be a finite number, got {item}")
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))

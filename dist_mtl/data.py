@@ -9,7 +9,9 @@ takes an equal, disjoint share of it. Nothing depends on the number of processes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,12 +64,37 @@ def load_source(d: DataConfig, seed: int, key: str = "data"):
         return synthetic_dataset(d.synthetic, seed)
     try:
         if d.source == "hub":
-            return datasets.load_dataset(d.path, d.hub_config, split=d.split, revision=d.revision)
-        return datasets.load_dataset(d.source, data_files=d.path, split="train")
+            ds = datasets.load_dataset(d.path, d.hub_config, split=d.split, revision=d.revision)
+        else:
+            ds = datasets.load_dataset(d.source, data_files=d.path, split="train")
     except FileNotFoundError as e:
         raise DataError(f"{key}.path: not found: {d.path} ({_one_line(e)})") from None
     except Exception as e:  # datasets raises many types for unreadable files or unreachable hubs
+        if d.source != "hub" and _has_no_rows(d, e):
+            raise DataError(f"{key}.path: {d.path} has no data rows (an empty file, or column names only)") from None
         raise DataError(f"{key}.path: cannot load {d.source} data from {d.path!r}: {_one_line(e)}") from None
+    if ds.num_rows == 0:
+        raise DataError(f"{key}.path: {d.path} has no data rows"
+                        + (f" in split {d.split!r}" if d.source == "hub" else ""))
+    return ds
+
+
+def _has_no_rows(d: DataConfig, error: Exception) -> bool:
+    """Whether a local file failed to load because it holds no rows: datasets then raises one of
+    several errors (no data for the split, pandas' EmptyDataError, an arrow batch size of 0)."""
+    if "corresponds to no data" in str(error):  # e.g. a CSV file with a header line only
+        return True
+    path = Path(d.path)
+    if not path.is_file():
+        return False
+    if d.source == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except Exception:  # not a parquet file at all: the caller's message says why
+            return False
+    return path.stat().st_size <= 1 << 16 and not path.read_bytes().strip()
 
 
 def _one_line(e: BaseException) -> str:
@@ -163,20 +190,27 @@ def prepare_group(d: DataConfig, indexed_tasks: list[tuple[int, TaskConfig]], se
     features = _resolve_features(d, ds, targets, key)
     used = list(dict.fromkeys(features + targets))
     ds = ds.select_columns(used)
+    loaded = ds.num_rows
     ds = _drop_or_reject_missing(ds, used, d, key)
     if ds.num_rows < 2:
-        raise DataError(f"{key}: {ds.num_rows} usable rows; at least 2 are needed for a train/validation split")
+        if ds.num_rows < loaded:
+            raise DataError(f"{key}.dropna: dropping the rows with missing, NaN or infinite values leaves "
+                            f"{ds.num_rows} of {loaded} rows; at least 2 are needed for a train/validation split")
+        raise DataError(f"{key}.path: {ds.num_rows} data row in {d.path or 'the data'}; at least 2 are needed "
+                        f"for a train/validation split")
+    val_rows = math.ceil(d.val_fraction * ds.num_rows)  # as train_test_split counts them
+    if val_rows >= ds.num_rows:
+        raise DataError(f"{key}.val_fraction: {d.val_fraction} of {ds.num_rows} rows leaves no training rows "
+                        f"({val_rows} validation rows); lower it or add rows")
 
     split = ds.train_test_split(test_size=d.val_fraction, seed=seed)
     train, val = split["train"], split["test"]
-    if val.num_rows == 0 or train.num_rows == 0:
-        raise DataError(f"{key}.val_fraction: {d.val_fraction} leaves an empty split of {ds.num_rows} rows")
 
     tasks, encoders, prep = [], {}, {"features": features, "targets": {}}
     for task_cfg in task_cfgs:
         task, encode, info = _task_encoding(task_cfg, ds, train)
         tasks.append(task)
-        encoders[task_cfg.target] = encode
+        encoders[task_cfg.name] = (task_cfg.target, encode)  # by task: two tasks may read one column
         prep["targets"][task.name] = info
     mean, std = _feature_stats(train, features, d.standardize)
     prep["feature_mean"], prep["feature_std"] = mean.tolist(), std.tolist()
@@ -184,12 +218,12 @@ def prepare_group(d: DataConfig, indexed_tasks: list[tuple[int, TaskConfig]], se
     def transform(batch: dict) -> dict:
         out = {"__x": ((np.stack([np.asarray(batch[f], dtype=np.float64) for f in features], 1) - mean) / std)
                .astype(np.float32)}
-        for target, encode in encoders.items():
-            out[f"__y_{target}"] = encode(np.asarray(batch[target]))
+        for name, (target, encode) in encoders.items():
+            out[f"__y_{name}"] = encode(np.asarray(batch[target]))
         return out
 
-    train_t = _to_tensors(train.map(transform, batched=True, remove_columns=train.column_names), task_cfgs, tasks)
-    val_t = _to_tensors(val.map(transform, batched=True, remove_columns=val.column_names), task_cfgs, tasks)
+    train_t = _to_tensors(train.map(transform, batched=True, remove_columns=train.column_names), tasks)
+    val_t = _to_tensors(val.map(transform, batched=True, remove_columns=val.column_names), tasks)
     return PreparedData(train_t, val_t, tasks, features, prep, _baselines(train_t, val_t, tasks))
 
 
@@ -225,16 +259,26 @@ def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    table = ds.with_format("arrow")[:]  # the rows as they are (after any earlier selection)
+    keep = None
     for name in columns:
-        column = ds.data.column(name)
-        missing = column.null_count
+        column = table.column(name)
+        usable = pc.is_valid(column)
+        missing, infinite = column.null_count, 0
         if pa.types.is_floating(column.type):
             missing += pc.sum(pc.is_nan(column)).as_py() or 0
-        if missing and not d.dropna:
-            raise DataError(f"{key}: column {name!r} has {missing} missing or NaN values; "
+            infinite = pc.sum(pc.is_inf(column)).as_py() or 0
+            usable = pc.and_kleene(usable, pc.is_finite(column))
+        if (missing or infinite) and not d.dropna:
+            what = " and ".join(text for count, text in [(missing, f"{missing} missing or NaN"),
+                                                         (infinite, f"{infinite} infinite (inf or -inf)")] if count)
+            raise DataError(f"{key}: column {name!r} has {what} values; "
                             f"clean the data or set {key}.dropna=true to drop those rows")
-    if d.dropna:
-        ds = ds.filter(lambda row: all(row[c] is not None and row[c] == row[c] for c in columns))
+        keep = usable if keep is None else pc.and_kleene(keep, usable)
+    if d.dropna and keep is not None:
+        rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+        if len(rows) < ds.num_rows:
+            ds = ds.select(rows)
     return ds
 
 
@@ -262,6 +306,8 @@ def _task_encoding(task_cfg: TaskConfig, ds, train):
         info = {"kind": "regression", "transform": task_cfg.transform, "mean": mu, "std": sd}
         return Task(task_cfg.name, "regression", task_cfg.loss), encode, info
 
+    if task_cfg.kind == "classification" and task_cfg.num_classes is not None:
+        return _indexed_classes(task_cfg, ds)
     classes = sorted(ds.unique(col), key=lambda v: (str(type(v)), v))
     if task_cfg.kind == "binary" and len(classes) != 2:
         raise DataError(f"tasks.{task_cfg.name}.target: a binary target needs exactly 2 distinct values; "
@@ -279,6 +325,43 @@ def _task_encoding(task_cfg: TaskConfig, ds, train):
     return task, encode, info
 
 
+def _indexed_classes(task_cfg: TaskConfig, ds):
+    """A classification target whose labels are the class indices ``0 .. num_classes-1``."""
+    col, count = task_cfg.target, task_cfg.num_classes
+    values = ds.unique(col)
+    not_integers = [v for v in values if not _is_integer(v)]
+    if not_integers:
+        raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has labels that are not integers "
+                        f"(num_classes: {count} needs labels in [0, {count})): {_some(not_integers)}")
+    outside = [int(v) for v in values if not 0 <= v < count]
+    if outside:
+        raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has labels outside [0, {count}) "
+                        f"(num_classes: {count}): {_some(outside)}")
+
+    def encode(v: np.ndarray) -> np.ndarray:
+        return np.asarray(v).astype(np.int64)
+
+    info = {"kind": "classification", "classes": list(range(count))}
+    return Task(task_cfg.name, "classification", task_cfg.loss, num_classes=count), encode, info
+
+
+def _is_integer(value) -> bool:
+    """An int, a bool, or a float with an integer value (integer labels stored as floats)."""
+    if isinstance(value, (bool, int, np.integer, np.bool_)):
+        return True
+    return isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+
+
+def _some(values: list, shown: int = 5) -> str:
+    """A few of ``values``, sorted as far as they sort, with the total when there are more."""
+    try:
+        values = sorted(values)
+    except TypeError:
+        pass
+    text = ", ".join(repr(v) for v in values[:shown])
+    return f"[{text}{f', ... ({len(values)} in all)' if len(values) > shown else ''}]"
+
+
 def _feature_stats(train, features: list[str], standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     if not standardize:
         return np.zeros(len(features)), np.ones(len(features))
@@ -293,12 +376,12 @@ def _columns(ds, names: list[str]) -> dict[str, np.ndarray]:
     return ds.select_columns(names).with_format("numpy")[:]
 
 
-def _to_tensors(ds, task_cfgs: list[TaskConfig], tasks: list[Task]) -> TensorData:
+def _to_tensors(ds, tasks: list[Task]) -> TensorData:
     columns = _columns(ds, list(ds.column_names))
     x = torch.from_numpy(np.ascontiguousarray(np.stack(columns["__x"]) if columns["__x"].dtype == object
                                               else columns["__x"], dtype=np.float32))
-    targets = {task.name: torch.from_numpy(np.asarray(columns[f"__y_{tc.target}"])).to(target_dtype(task.kind))
-               for tc, task in zip(task_cfgs, tasks)}
+    targets = {task.name: torch.from_numpy(np.asarray(columns[f"__y_{task.name}"])).to(target_dtype(task.kind))
+               for task in tasks}
     return TensorData(x, targets)
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY, write_config
+from conftest import REPO, TINY, launch, write_config
 from dist_mtl.config import load_config
 from dist_mtl.data import GlobalBatchSampler, eval_shard, prepare, task_directions
 from dist_mtl.errors import DataError
@@ -143,3 +143,105 @@ def test_synthetic_inputs_never_include_the_other_targets(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", {**TINY, "tasks": [{"name": "t1"}]}), [], world_size=1)
     group = prepare(cfg).groups[0]
     assert group.features == [f"x{j}" for j in range(8)] and group.train.x.shape[1] == 8
+
+
+LABELS = "a,b,label\n" + "".join(f"{i},{i % 3},{i % 4}\n" for i in range(12))  # labels 0 .. 3
+
+
+def test_num_classes_sets_the_head_width_and_labels_are_the_class_indices(tmp_path):
+    data = prepare(_csv(tmp_path, LABELS, [{"name": "label", "kind": "classification", "num_classes": 6}])).groups[0]
+    task = data.tasks[0]
+    assert task.num_classes == 6 and task.out_dim == 6  # classes 4 and 5 never occur, and still get an output
+    assert data.preprocessing["targets"]["label"]["classes"] == [0, 1, 2, 3, 4, 5]
+    labels = torch.cat([data.train.targets["label"], data.val.targets["label"]])
+    assert labels.dtype == torch.long and sorted(labels.tolist()) == sorted(i % 4 for i in range(12))
+    floats = LABELS.replace("\n3,0,3\n", "\n3,0,3.0\n")  # integer labels stored as floats are fine
+    assert prepare(_csv(tmp_path, floats, [{"name": "label", "kind": "classification", "num_classes": 4}])).tasks[0].out_dim == 4
+
+
+def test_labels_outside_num_classes_name_the_column_and_show_them(tmp_path):
+    text = LABELS.replace("\n3,0,3\n", "\n3,0,7\n").replace("\n5,2,1\n", "\n5,2,-1\n")
+    with pytest.raises(DataError) as info:
+        prepare(_csv(tmp_path, text, [{"name": "cut", "target": "label", "kind": "classification", "num_classes": 4}]))
+    assert str(info.value) == "tasks.cut.target: column 'label' has labels outside [0, 4) (num_classes: 4): [-1, 7]"
+
+
+@pytest.mark.parametrize("old, new, shown", [("\n3,0,3\n", "\n3,0,1.5\n", "[1.5]"), ("\n3,0,3\n", "\n3,0,x\n", "'x'")])
+def test_labels_that_are_not_integers_with_num_classes(tmp_path, old, new, shown):
+    with pytest.raises(DataError, match="tasks.label.target: column 'label' has labels that are not integers") as info:
+        prepare(_csv(tmp_path, LABELS.replace(old, new), [{"name": "label", "kind": "classification", "num_classes": 4}]))
+    assert shown in str(info.value)
+
+
+@pytest.mark.parametrize("task, fragment", [
+    ({"name": "label", "kind": "classification", "num_classes": 1}, "tasks[0].num_classes: must be at least 2, got 1"),
+    ({"name": "label", "num_classes": 4}, "tasks[0].num_classes: applies to classification tasks only"),
+    ({"name": "flag", "kind": "binary", "num_classes": 2}, "tasks[0].num_classes: applies to classification tasks only"),
+    ({"name": "label", "kind": "classification", "num_classes": "4"}, "tasks[0].num_classes: expected an integer or null"),
+])
+def test_num_classes_config_errors(tmp_path, task, fragment):
+    from dist_mtl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _csv(tmp_path, LABELS, [task])
+    assert str(info.value).startswith(fragment)
+
+
+def test_infinite_values_are_an_error_unless_dropped(tmp_path):
+    text = ROWS + "12,inf,x,1\n13,1,y,0\n"
+    with pytest.raises(DataError, match="^data: column 'b' has 1 infinite \\(inf or -inf\\) values; .* data.dropna=true"):
+        prepare(_csv(tmp_path, text, [{"name": "flag", "kind": "binary"}]))
+    target = "a,y\n" + "".join(f"{i},{i / 2}\n" for i in range(12)) + "12,-inf\n13,\n"
+    with pytest.raises(DataError, match="^data: column 'y' has 1 missing or NaN and 1 infinite \\(inf or -inf\\) values"):
+        prepare(_csv(tmp_path, target, [{"name": "y"}]))
+    data = prepare(_csv(tmp_path, target, [{"name": "y"}], dropna=True)).groups[0]  # dropna drops both rows
+    assert len(data.train) + len(data.val) == 12 and torch.isfinite(data.train.x).all()
+    assert torch.isfinite(data.train.targets["y"]).all() and torch.isfinite(data.val.targets["y"]).all()
+
+
+@pytest.mark.parametrize("text", ["a,b,y\n", "", "\n\n"], ids=["header only", "empty", "blank lines"])
+def test_a_file_without_rows_is_one_clear_error(tmp_path, text):
+    with pytest.raises(DataError) as info:
+        prepare(_csv(tmp_path, text, [{"name": "y"}]))
+    assert str(info.value) == f"data.path: {tmp_path / 'd.csv'} has no data rows (an empty file, or column names only)"
+
+
+def test_a_parquet_file_without_rows(tmp_path):
+    pd.DataFrame({"a": pd.Series([], dtype=float), "y": pd.Series([], dtype=float)}).to_parquet(tmp_path / "d.parquet")
+    cfg = write_config(tmp_path / "c.yaml", {"data": {"source": "parquet", "path": str(tmp_path / "d.parquet")},
+                                             "tasks": [{"name": "y"}]})
+    with pytest.raises(DataError, match="^data.path: .*d.parquet has no data rows"):
+        prepare(load_config(cfg, [], world_size=1))
+
+
+def test_too_few_rows_for_a_split(tmp_path):
+    with pytest.raises(DataError, match="^data.path: 1 data row in .*d.csv; at least 2 are needed"):
+        prepare(_csv(tmp_path, "a,y\n1,2\n", [{"name": "y"}]))
+    with pytest.raises(DataError, match="^data.val_fraction: 0.6 of 2 rows leaves no training rows \\(2 validation rows\\)"):
+        prepare(_csv(tmp_path, "a,y\n1,2\n2,3\n", [{"name": "y"}], val_fraction=0.6))  # was a ValueError from datasets
+
+
+def test_an_empty_split_after_dropna_names_dropna(tmp_path):
+    with pytest.raises(DataError, match="^data.dropna: dropping the rows with missing, NaN or infinite values leaves 1 of 3"):
+        prepare(_csv(tmp_path, "a,y\n1,\n2,inf\n3,2\n", [{"name": "y"}], dropna=True))
+
+
+def test_labels_outside_num_classes_exit_2_with_one_line_naming_the_column(tmp_path):
+    (tmp_path / "d.csv").write_text(LABELS.replace("\n3,0,3\n", "\n3,0,7\n"))
+    cfg = write_config(tmp_path / "c.yaml", {**TINY, "data": {"source": "csv", "path": str(tmp_path / "d.csv")},
+                                             "tasks": [{"name": "label", "kind": "classification", "num_classes": 4}]})
+    run = launch(cfg, tmp_path / "out", ["train.max_steps=2"], timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0] == "dist-mtl: error: tasks.label.target: column 'label' has labels outside [0, 4) (num_classes: 4): [7]"
+
+
+def test_two_tasks_on_one_column_each_get_their_own_encoding(tmp_path):
+    # Encoders were keyed by column: the classification task's class indices replaced the
+    # regression task's standardised values.
+    data = prepare(_csv(tmp_path, LABELS, [{"name": "reg", "target": "label"},
+                                           {"name": "cls", "target": "label", "kind": "classification"}])).groups[0]
+    reg, cls = data.train.targets["reg"].double(), data.train.targets["cls"]
+    assert cls.dtype == torch.long and set(cls.tolist()) <= {0, 1, 2, 3}
+    assert abs(reg.mean().item()) < 1e-6 and abs(reg.std(unbiased=False).item() - 1) < 1e-5  # standardised
+    assert torch.allclose((reg - reg.min()) / (reg.max() - reg.min()) * 3, cls.double(), atol=1e-5)
