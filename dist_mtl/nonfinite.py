@@ -7,8 +7,10 @@ non-finite (``BackwardEngine.poison``), since a loss can be infinite while its g
 (cross-entropy of a ``-inf`` logit). Only once a step is found bad do the ranks exchange their own
 losses, to say which task and which rank.
 
-Cost per update: a finiteness test of the T local losses and one of the gradients' total norm
-(two host syncs on a GPU, as ``GradScaler`` has). Under fp16 the gradients are left to the loss
+Cost per update: one pass over the reduced gradients and the T local losses, and one host sync
+(as ``GradScaler`` has); on several processes, one more test of the local losses before the
+reduction. On the benchmark MLP (0.15 M parameters, one CPU thread) that is about 0.15 ms, 3 % of
+a step; on a GPU it is a few small kernels. Under fp16 the gradients are left to the loss
 scaler, which skips overflowing steps by design; the losses are still checked, with one all-reduce
 of one number per update.
 """
@@ -30,11 +32,12 @@ class NonFiniteError(RunFailed):
 
 
 def all_finite(values: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host sync). The sum of the norms is
-    non-finite iff some element is: norms are >= 0, so no ``inf - inf``."""
+    """Whether every element of every tensor is finite: one pass over the values and one host
+    sync. A plain sum is non-finite iff an element is (``inf - inf`` is NaN), short of a total
+    beyond 3e38; a norm would square its way to a false alarm from 2e19."""
     if not values:
         return True
-    return bool(torch.stack(torch._foreach_norm([v.detach() for v in values])).sum().isfinite())
+    return bool(torch.stack([v.detach().sum() for v in values]).sum().isfinite())
 
 
 class NonFiniteGuard:

@@ -221,8 +221,12 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
 
     def update(losses: dict[str, Tensor], task: str | None = None) -> None:
         learned = weighting.parameters(active)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not guard.allows(step, losses, grads + [p.grad for p in learned if p.grad is not None], task):
+        checked = [p.grad for p in learned if p.grad is not None]
+        if cfg.train.grad_clip > 0:  # the clip's norm is non-finite iff a gradient is: one pass serves both
+            checked.append(dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+        else:
+            checked += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not guard.allows(step, losses, checked, task):
             optimizer.zero_grad(set_to_none=True)
             for p in learned:
                 p.grad = None
@@ -232,8 +236,6 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
         scheduled_lr = encoder["lr"]
         if task is not None and task in cfg.train.task_lr:
             encoder["lr"] = scheduled_lr * cfg.train.task_lr[task] / cfg.train.lr
-        if cfg.train.grad_clip > 0:
-            dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         weighting.update_parameters()  # learned weights (their gradients were reduced with the model's)

@@ -96,8 +96,10 @@ def test_two_processes_equal_torchjd_on_the_single_process_global_jacobian(jac_c
 def test_stateful_and_random_aggregators_resume_bitwise(tmp_path, name):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     overrides = ["mtl.backward=jacobian", f"mtl.aggregator={name}", "train.checkpoint_every=5"]
-    straight = launch(config, tmp_path / "straight", overrides).check()
-    killed = launch(config, tmp_path / "resumed", overrides, env={"DIST_MTL_FAULT": "kill@12"})
+    straight, killed = launch_together(
+        dict(config=config, output_dir=tmp_path / "straight", overrides=overrides),
+        dict(config=config, output_dir=tmp_path / "resumed", overrides=overrides, env={"DIST_MTL_FAULT": "kill@12"}))
+    straight.check()
     assert killed.returncode == -9
     resumed = launch(config, tmp_path / "resumed", overrides).check()
     assert resumed.json("run.json")["start_step"] == 10
@@ -110,11 +112,12 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
     """Step 1's logged gradient norms and cosines are those of the initial model's per-task
     gradients on global batch 0, computed here with plain autograd."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
-    run = launch(config, tmp_path / "out", ["mtl.backward=jacobian", "mtl.aggregator=upgrad", "log.every=1"],
-                 nproc=2).check()
     # the opt-in probe in another mode measures the same thing (before its own update)
-    probed = launch(config, tmp_path / "probe", ["mtl.backward=per_task", "log.grad_conflict=true", "log.every=1",
-                                                 "train.grad_accum=2"], nproc=2).check()
+    run, probed = (r.check() for r in launch_together(
+        dict(config=config, output_dir=tmp_path / "out", nproc=2,
+             overrides=["mtl.backward=jacobian", "mtl.aggregator=upgrad", "log.every=1"]),
+        dict(config=config, output_dir=tmp_path / "probe", nproc=2,
+             overrides=["mtl.backward=per_task", "log.grad_conflict=true", "log.every=1", "train.grad_accum=2"])))
     cfg = load_config(config, [], world_size=1)
     group = prepare(cfg).groups[0]
     torch.manual_seed(cfg.seed)
@@ -143,8 +146,9 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
 def test_batched_jacobian_equals_the_loop(jac_config):
     tmp, config = jac_config
     overrides = ["mtl.backward=jacobian", "mtl.aggregator=upgrad"]
-    loop = launch(config, tmp / "loop", overrides + ["mtl.jacobian_method=loop"]).check()
-    batched = launch(config, tmp / "batched", overrides + ["mtl.jacobian_method=batched"]).check()
+    loop, batched = (r.check() for r in launch_together(
+        *[dict(config=config, output_dir=tmp / method, overrides=overrides + [f"mtl.jacobian_method={method}"])
+          for method in ("loop", "batched")]))
     assert max_relative_difference(loop.output_dir / "final/model.safetensors",
                                    batched.output_dir / "final/model.safetensors") <= 1e-6
 
@@ -155,15 +159,16 @@ def test_feature_jacobian_is_exact_across_ranks_and_cheap_to_communicate(jac_con
     T x T float64 Gramian; and it really is a different (approximate) update than the params route."""
     tmp, config = jac_config
     overrides = ["mtl.backward=jacobian", "mtl.aggregator=upgrad", "mtl.jacobian_wrt=features", "log.comm_bytes=true"]
-    one = launch(config, tmp / "feat-1", overrides).check()
-    two = launch(config, tmp / "feat-2", overrides + ["train.grad_accum=2"], nproc=2).check()
+    one, two, params = (r.check() for r in launch_together(
+        dict(config=config, output_dir=tmp / "feat-1", overrides=overrides),
+        dict(config=config, output_dir=tmp / "feat-2", overrides=overrides + ["train.grad_accum=2"], nproc=2),
+        dict(config=config, output_dir=tmp / "params-1", overrides=overrides[:2])))
     assert_ranks_identical(two, 2)
     assert max_relative_difference(two.output_dir / "final/model.safetensors",
                                    one.output_dir / "final/model.safetensors") <= RTOL
     from test_engines import MINIMAL_BYTES
 
     assert {m["perf/comm_bytes"] for m in two.metrics() if "perf/comm_bytes" in m} == {MINIMAL_BYTES["sum"] + 3 * 3 * 8}
-    params = launch(config, tmp / "params-1", overrides[:2]).check()
     assert max_relative_difference(params.output_dir / "final/model.safetensors",
                                    one.output_dir / "final/model.safetensors") > 1000 * RTOL
 

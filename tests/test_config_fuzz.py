@@ -425,7 +425,6 @@ def test_fuzzer_findings_are_one_line_errors(capfd, tmp_path, text, fragment):
     assert fragment in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: argparse's messages are printed unescaped (not fixed here: cli.py)")
 def test_argparse_errors_stay_one_line(capfd, tmp_path):
     path = write_config(tmp_path / "c.yaml", TINY)
     assert_one_line_refusal(*run_cli(capfd, ["validate", str(path), "-a\nb=1"]))

@@ -171,11 +171,13 @@ def test_consistency_check_stops_a_run_whose_replicas_diverged(tmp_path):
     """A fault that changes one rank's parameters (DIST_MTL_FAULT=perturb) is caught at the next
     check with a clear error naming the step and the rank, instead of training on silently."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
-    run = launch(config, tmp_path / "out", ["train.check_consistency_every=4"], nproc=2,
-                 env={"DIST_MTL_FAULT": "perturb@6:1"}, timeout=120)
+    run, healthy = launch_together(
+        dict(config=config, output_dir=tmp_path / "out", overrides=["train.check_consistency_every=4"], nproc=2,
+             env={"DIST_MTL_FAULT": "perturb@6:1"}, timeout=120),
+        dict(config=config, output_dir=tmp_path / "healthy", overrides=["train.check_consistency_every=4"], nproc=2))
     assert run.returncode != 0
     assert "replicas diverged at step 8: rank(s) [1] hold different parameters from rank 0" in run.stderr
-    healthy = launch(config, tmp_path / "healthy", ["train.check_consistency_every=4"], nproc=2).check()
+    healthy.check()
     assert_ranks_identical(healthy, 2)
 
 

@@ -13,7 +13,8 @@ import copy
 
 import pytest
 
-from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_missing, max_relative_difference, write_config
+from conftest import (RTOL, TINY, assert_ranks_identical, launch, launch_missing, launch_together,
+                      max_relative_difference, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +158,9 @@ def test_phases_switch_engines_at_the_same_step_on_every_rank(runs, tmp_path):
     """Seed recipe 5: sum (first task only), then per_task, then alternate; 2 processes = 1."""
     config = write_config(tmp_path / "phases.yaml", {**TINY, "mtl": {"backward": "alternate", "schedule": [
         {"until_step": 6, "backward": "sum", "tasks": ["t0"]}, {"until_step": 13, "backward": "per_task"}]}})
-    one = launch(config, tmp_path / "p1", ["log.every=1", "log.comm_bytes=true"]).check()
-    two = launch(config, tmp_path / "p2", ["log.every=1", "log.comm_bytes=true"], nproc=2).check()
+    one, two = (r.check() for r in launch_together(
+        dict(config=config, output_dir=tmp_path / "p1", overrides=["log.every=1", "log.comm_bytes=true"]),
+        dict(config=config, output_dir=tmp_path / "p2", overrides=["log.every=1", "log.comm_bytes=true"], nproc=2)))
     assert_ranks_identical(two, 2)
     assert_matches(two, one)
     lines = [m for m in two.metrics() if "phase" in m and "event" not in m]

@@ -54,7 +54,7 @@ def events(run, kind: str) -> list[dict]:
 def test_nan_on_one_rank_is_one_decision_skip_or_abort(tmp_path):
     """The first sample's target of task t0 is NaN on rank 1 only, during step 7."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
-    skip = ["train.on_nonfinite=skip", "log.every=1"]
+    skip = ["train.on_nonfinite=skip", "log.every=1", "train.grad_clip=1"]  # the check then reads the clip's norm
     skip2, skip1, abort = launch_together(
         dict(config=config, output_dir=tmp_path / "skip2", overrides=skip, nproc=2, env={"DIST_MTL_FAULT": "nan@7:1"}),
         dict(config=config, output_dir=tmp_path / "skip1", overrides=skip, env={"DIST_MTL_FAULT": "nan@7"}),
@@ -86,6 +86,28 @@ def test_nan_on_one_rank_is_one_decision_skip_or_abort(tmp_path):
     assert [p.name for p in (abort.output_dir / "checkpoints").iterdir()] == ["step_5"]
     assert events(abort, "nonfinite")[0]["action"] == "abort"
     assert max(m["step"] for m in abort.metrics() if "loss/t0" in m) == 5
+
+
+def test_guard_names_a_gradient_overflow_and_stops_after_too_many_skips_in_a_row(capsys):
+    """In-process on one real process: finite losses with an infinite gradient are named as such;
+    train.max_consecutive_skips ends a run whose updates keep failing; a good update resets the count."""
+    import torch
+
+    from dist_mtl.distributed import Distributed
+    from dist_mtl.nonfinite import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard(Distributed.create(), "skip", max_consecutive=3)
+    losses = {"t0": torch.tensor(0.5), "t1": torch.tensor(0.25)}
+    bad, good = [torch.tensor([1.0, float("inf")])], [torch.ones(2)]
+    assert not guard.allows(0, losses, bad) and not guard.allows(1, losses, bad)
+    assert "skipped step 2 on every rank: non-finite gradient (every task's loss is finite)" in capsys.readouterr().err
+    assert guard.allows(2, losses, good) and guard.skipped == 2 and guard.consecutive == 0
+    assert not guard.allows(3, {**losses, "t1": torch.tensor(float("-inf"))}, good)
+    assert guard.take_events()[-1]["losses"] == {"t1": {"0": "-inf"}}
+    guard.allows(4, losses, bad)
+    with pytest.raises(NonFiniteError, match=r"3 updates in a row had non-finite values \(last: gradient .* at step "
+                                             r"6\); stopped \(train.max_consecutive_skips=3\)"):
+        guard.allows(5, losses, bad)
 
 
 # -- no hangs ------------------------------------------------------------------------------------

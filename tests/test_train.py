@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, by_step, launch, weights_equal, write_config
+from conftest import TINY, by_step, launch, launch_together, weights_equal, write_config
 from dist_mtl.wandb_file import find_run_files, read_config, read_history, read_run_id
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,11 @@ def test_incomplete_checkpoint_is_never_picked(tmp_path, tiny_run):
 def test_rerunning_a_finished_run_trains_nothing_and_resume_none_refuses_to_mix_histories(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
-    first = launch(config, out, ["train.checkpoint_every=5"]).check()
+    first, fresh = launch_together(
+        dict(config=config, output_dir=out, overrides=["train.checkpoint_every=5"]),
+        dict(config=config, output_dir=tmp_path / "killed-early", overrides=["train.max_steps=5"],
+             env={"DIST_MTL_FAULT": "kill@3"}))
+    first.check()
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
     again = launch(config, out, ["train.checkpoint_every=5"]).check()
     assert again.json("run.json")["start_step"] == 20 and (out / "final/model.safetensors").read_bytes() == \
@@ -96,14 +100,14 @@ def test_rerunning_a_finished_run_trains_nothing_and_resume_none_refuses_to_mix_
     # Starting over in a directory with checkpoints would leave step_20 for a later resume=auto to
     # pick up by mistake: refuse, and touch nothing.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
-    refused = launch(config, out, ["train.resume=none", "train.max_steps=5"])
+    refused, refused_path = launch_together(
+        dict(config=config, output_dir=out, overrides=["train.resume=none", "train.max_steps=5"]),
+        dict(config=config, output_dir=out, overrides=[f"train.resume={out / 'checkpoints' / 'step_15'}"]))
     assert refused.returncode == 2 and "train.resume: 'none' would start at step 0" in refused.stderr
     assert "step_20" in refused.stderr and "Traceback" not in refused.stderr
-    refused = launch(config, out, [f"train.resume={out / 'checkpoints' / 'step_15'}"])
-    assert refused.returncode == 2 and "would start at step 15" in refused.stderr
+    assert refused_path.returncode == 2 and "would start at step 15" in refused_path.stderr
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
     assert after == before
-    fresh = launch(config, tmp_path / "killed-early", ["train.max_steps=5"], env={"DIST_MTL_FAULT": "kill@3"})
     assert fresh.returncode == -9
     (fresh.output_dir / "metrics.jsonl").write_text('{"step": 99}\n')  # a log without any checkpoint
     fresh = launch(config, fresh.output_dir, ["train.max_steps=5"]).check()

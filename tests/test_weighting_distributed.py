@@ -15,7 +15,8 @@ import copy
 
 import pytest
 
-from conftest import RTOL, TINY, assert_ranks_identical, launch, launch_missing, max_relative_difference, write_config
+from conftest import (RTOL, TINY, assert_ranks_identical, launch, launch_missing, launch_together,
+                      max_relative_difference, write_config)
 from dist_mtl.weighting import WEIGHTINGS
 
 pytestmark = pytest.mark.slow
@@ -141,8 +142,9 @@ NOISY["mtl"]["schedule"] = [{"until_loss": {"t0": THRESHOLD}, "tasks": ["t0"], "
 def threshold_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("threshold")
     config = write_config(tmp / "noisy.yaml", NOISY)
-    return {"1": launch(config, tmp / "p1", ["log.every=1"]).check(),
-            "2": launch(config, tmp / "p2", ["log.every=1"], nproc=2).check()}
+    one, two = launch_together(dict(config=config, output_dir=tmp / "p1", overrides=["log.every=1"]),
+                               dict(config=config, output_dir=tmp / "p2", overrides=["log.every=1"], nproc=2))
+    return {"1": one.check(), "2": two.check()}
 
 
 def switches(run) -> list[dict]:
