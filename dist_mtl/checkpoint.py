@@ -3,7 +3,7 @@
 Layout of ``checkpoints/step_<N>/``:
   model.safetensors      unwrapped model state (names stable across world sizes)
   optimizer.pt           optimizer state, loaded back with ``weights_only=True`` (no pickled code)
-  trainer_state.json     step, lr scheduler, schedule phase and whatever else the trainer registers
+  trainer_state.json     step, lr scheduler, schedule phase, fp16 loss scaler, skipped-update count
   aggregator.safetensors a stateful aggregator's state (GradVac's EMA targets, Nash-MTL's warm start)
   weighting.pt           each weighting method's state: learned weights, their optimizer, loss history
   rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
@@ -165,7 +165,10 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
     for path in written:
         _fsync(path)
     if dist.is_main:
-        _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state}))
+        scaler = dist.accelerator.scaler  # fp16's loss scale and growth tracker: numbers, kept as JSON
+        extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+        _atomic_write_text(partial / STATE_FILE, json.dumps({"step": step, "world_size": dist.world_size, **state,
+                                                             **extra}))
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -217,6 +220,9 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
     state["objects"] = {f.stem: torch.load(f, weights_only=True, map_location="cpu")
                         for f in path.glob("*.pt") if f.name != "optimizer.pt"}
     dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+    scaler = dist.accelerator.scaler
+    if "scaler" in state and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"
     if rng_file.is_file():

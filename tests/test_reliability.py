@@ -182,6 +182,29 @@ def test_rotation_keeps_the_newest_and_ignores_debris(tmp_path):
     assert (root / "step_15/trainer_state.json").is_file()
 
 
+def test_the_fp16_loss_scale_is_checkpointed(tmp_path):
+    """fp16 needs a GPU, but its scaler's state (scale, growth tracker) travels through the same
+    checkpoint code: a CPU GradScaler stands in for it, in-process on one real process."""
+    import torch
+
+    from dist_mtl.checkpoint import load, save
+    from dist_mtl.distributed import Distributed
+
+    dist = Distributed.create()
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"scale": 128.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3, "_growth_tracker": 2}
+    try:
+        dist.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        dist.accelerator.scaler.load_state_dict(state)
+        path = save(dist, tmp_path / "checkpoints", 7, model, optimizer, {}, {}, 0)
+        dist.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        assert load(dist, path, model, optimizer)["step"] == 7
+        assert dist.accelerator.scaler.state_dict() == state
+    finally:
+        dist.accelerator.scaler = None
+
+
 # -- a full disk -------------------------------------------------------------------------------
 
 def _in_small_tmpfs(tmp_path: Path, size_kib: int, argv: list[str], keep: Path) -> subprocess.CompletedProcess:
