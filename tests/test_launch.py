@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,19 +33,25 @@ def test_fsdp_launch_is_refused_on_gpus_and_runs_as_ddp_on_cpu(monkeypatch):
 
 
 @pytest.mark.slow
-def test_multi_node_config_on_two_machines_matches_one_process(tmp_path):
+def two_machines(config, output_dir, *overrides: str, env: dict | None = None) -> list[subprocess.Popen]:
     """launch/multi_node.yaml as two "machines" on this one (machine_rank 0 and 1, one process
-    each, c10d rendezvous): the parameters equal a 1-process run's."""
-    config = write_config(tmp_path / "tiny.yaml", TINY)
+    each, c10d rendezvous), started at once."""
     port = free_port()
-    launchers = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "multi_node.yaml"),
          "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
          # both "machines" share 127.0.0.1, so say which one hosts the rendezvous store
          "--rdzv_conf", f"is_host={int(rank == 0)}",
-         "-m", "dist_mtl", "train", str(config), f"output_dir={tmp_path / 'multi'}"],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+         "-m", "dist_mtl", "train", str(config), f"output_dir={output_dir}", *overrides],
+        cwd=REPO, env=child_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+
+
+def test_multi_node_config_on_two_machines_matches_one_process(tmp_path):
+    """Two "machines" train the parameters of a 1-process run."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    launchers = two_machines(config, tmp_path / "multi")
     outputs = [p.communicate(timeout=300)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     single = launch(config, tmp_path / "single").check()
@@ -52,3 +59,16 @@ def test_multi_node_config_on_two_machines_matches_one_process(tmp_path):
     assert info["world_size"] == 2 and info["num_machines"] == 2 and len(set(info["param_digests"])) == 1
     assert max_relative_difference(tmp_path / "multi/final/model.safetensors",
                                    single.output_dir / "final/model.safetensors") < RTOL
+
+
+def test_a_rank_killed_on_one_machine_stops_the_other_machine_within_60_s(tmp_path):
+    """Each "machine" has its own launcher, which cannot see the other's processes: machine 0's
+    rank must notice the SIGKILL of machine 1's rank through the broken gloo connection."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    started = time.monotonic()
+    launchers = two_machines(config, tmp_path / "multi", "train.max_steps=100000",
+                             env={"DIST_MTL_FAULT": "kill@7:1"})
+    outputs = [p.communicate(timeout=120)[0] for p in launchers]
+    assert time.monotonic() - started < 60
+    assert [p.returncode != 0 for p in launchers] == [True, True]
+    assert "dist-mtl: rank 0 of 2 stopped: it lost contact with another rank" in outputs[0], outputs[0][-3000:]
