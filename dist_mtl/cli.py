@@ -45,9 +45,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> None:
-    from .distributed import env_is_main
-
     from .config import one_line
+    from .distributed import env_is_main
 
     if env_is_main():  # under a launcher, one copy of the message rather than one per rank
         print(f"dist-mtl: error: {one_line(message)}", file=sys.stderr)

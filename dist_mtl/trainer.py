@@ -426,6 +426,7 @@ def _check_free_space(dist: Distributed, run_dir: Path, t: TrainConfig, model: n
     """Refuse (exit 2, before training) an output_dir whose free space cannot hold one checkpoint
     plus the final model: the weights, the optimizer's state (AdamW: 2 per weight) and the final
     copy, estimated from the parameter count. Decided on the main process for every rank."""
+    error = None
     if dist.is_main:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         states = 2 if t.optimizer == "adamw" else (1 if t.momentum else 0)
@@ -434,7 +435,7 @@ def _check_free_space(dist: Distributed, run_dir: Path, t: TrainConfig, model: n
         error = (None if free >= needed else
                  f"{run_dir} has {free / 2**20:.1f} MiB free, but a checkpoint and the final model need about "
                  f"{needed / 2**20:.1f} MiB; free some space or choose another output_dir")
-    error = dist.broadcast_object(error if dist.is_main else None)
+    error = dist.broadcast_object(error)
     if error:
         raise ConfigError("output_dir", error)
 

@@ -186,17 +186,19 @@ class BackwardEngine:
         self.poison(losses, grads)
         self.dist.all_reduce_grads_(grads)
 
-    def poison(self, losses: dict[str, Tensor], tensors: list[Tensor]) -> bool:
-        """Before a reduction: fill ``tensors`` (this rank's share) with NaN if one of this rank's
-        ``losses`` is non-finite, so the reduced values show it on EVERY rank and every rank skips
-        or stops together (``train.on_nonfinite``). A loss can be infinite while its gradient is
-        finite, so the gradient alone would not tell. Returns whether it poisoned. One host sync on
+    def must_poison(self, losses: dict[str, Tensor]) -> bool:
+        """Whether this rank must make its share of the next reduction NaN: one of its own
+        ``losses`` is non-finite, and other ranks will only learn it through the reduced values, so
+        that every rank skips or stops together (``train.on_nonfinite``). A loss can be infinite
+        while its gradient is finite, so the gradient alone would not tell. One host sync on
         several processes; nothing on one, where the guard sees the losses themselves."""
-        if not self.dist.distributed or all_finite(list(losses.values())):
-            return False
-        for t in tensors:
-            t.fill_(float("nan"))
-        return True
+        return self.dist.distributed and not all_finite(list(losses.values()))
+
+    def poison(self, losses: dict[str, Tensor], tensors: list[Tensor]) -> None:
+        """Before a reduction: fill ``tensors`` (this rank's share) with NaN if ``must_poison``."""
+        if self.must_poison(losses):
+            for t in tensors:
+                t.fill_(float("nan"))
 
     def backward(self, loss: Tensor, **kwargs) -> None:
         """``loss.backward`` through Accelerate, which applies the fp16 loss scale when there is one."""

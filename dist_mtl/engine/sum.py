@@ -15,7 +15,6 @@ from contextlib import nullcontext
 
 from torch import Tensor
 
-from ..nonfinite import all_finite
 from .base import Batch, BackwardEngine, Update
 
 
@@ -35,14 +34,14 @@ class SumEngine(BackwardEngine):
             with sync:
                 losses = self.losses(batch)
                 self.accumulate(totals, losses, accum)
-                trained = {name: totals[name] for name in active}
                 # Each piece holds the same number of samples, so averaging the per-piece means
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
-                if use_ddp and m == accum - 1 and self.dist.distributed and not all_finite(list(trained.values())):
+                if use_ddp and m == accum - 1 and self.must_poison({name: totals[name] for name in active}):
                     objective = objective * float("nan")  # DDP reduces inside backward: poison it here
                 self.backward(objective if accum == 1 else objective / accum)
+        trained = {name: totals[name] for name in active}
         learned = self.weighting.parameters(active)
         if not use_ddp:
             self.reduce_grads(self.trainable(active), trained)
