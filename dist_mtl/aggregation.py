@@ -28,7 +28,7 @@ from torch import Tensor
 class AggregatorSpec:
     torchjd_class: str
     extra: str | None = None
-    """The dist_mtl extra whose packages the method needs (``pip install 'dist_mtl[<extra>]'``)."""
+    """The dist_mtl extra (in pyproject.toml) that installs the method's optional solver packages."""
     defaults: tuple[tuple[str, object], ...] = ()
     """Arguments torchjd requires that we default (``mtl.aggregator_args`` overrides them)."""
 
@@ -48,6 +48,19 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
     "config": AggregatorSpec("ConFIG"),
     "graddrop": AggregatorSpec("GradDrop"),
 }
+
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "quadprog": ("quadprog>=0.1.9,!=0.1.10", "qpsolvers>=1.0.1"),
+    "cvxpy": ("cvxpy>=1.3.0", "ecos>=2.0.14"),
+}
+"""The packages of each extra, exactly as pyproject.toml lists them (a test keeps the two equal), so
+the install hint is a command that works anywhere, not only in a dist_mtl checkout."""
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs ``extra``'s packages, e.g. ``pip install 'cvxpy>=1.3.0' ...``."""
+    return "pip install " + " ".join(f"'{requirement}'" for requirement in EXTRAS[extra])
+
 
 # Between-step state that torchjd keeps in plain attributes rather than buffers.
 _STATE_ATTRIBUTES = ("prvs_alpha", "step", "normalization_factor", "init_gtg")
@@ -70,8 +83,9 @@ def make_torchjd_aggregator(name: str, args: dict, num_tasks: int) -> torch.nn.M
     try:
         return cls(**kwargs)
     except ImportError as e:
-        raise AggregatorUnavailable(f"{name!r} needs optional packages: pip install 'dist_mtl[{spec.extra}]' "
-                                    f"({' '.join(str(e).split())})") from None
+        # torchjd's own message suggests its underscore-spelled extras, which pip 23 ignores: not relayed.
+        raise AggregatorUnavailable(f"{name!r} needs optional solver packages that are not installed; install "
+                                    f"them with: {install_hint(spec.extra)}") from None
 
 
 class Aggregation:

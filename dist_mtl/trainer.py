@@ -456,7 +456,7 @@ def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: MultiT
         "world_size": dist.world_size,
         "num_machines": dist.num_machines,
         "device": str(dist.device),
-        "mixed_precision": cfg.train.mixed_precision,
+        "mixed_precision": dist.accelerator.mixed_precision,  # what autocast really uses, not the request
         "versions": {"dist_mtl": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__, "python": platform.python_version()},
         "git_commit": git_commit(),

@@ -58,13 +58,15 @@ def test_effective_weights_are_captured_for_weighted_methods():
     assert torch.allclose(agg.last_weights @ J, out)
 
 
-def test_missing_optional_package_exits_2_and_names_the_extra(tmp_path, tiny_config):
+def test_missing_optional_package_exits_2_with_an_install_command_that_works(tmp_path, tiny_config):
     code = ("import sys; sys.modules['quadprog'] = None\n"  # as if quadprog were not installed
             "from dist_mtl.cli import main\n"
             f"sys.exit(main(['validate', {str(tiny_config)!r}, 'mtl.backward=jacobian', 'mtl.aggregator=upgrad']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "mtl.aggregator: 'upgrad' needs optional packages: pip install 'dist_mtl[quadprog]'" in proc.stderr
+    assert ("mtl.aggregator: 'upgrad' needs optional solver packages that are not installed; install them with: "
+            "pip install 'quadprog>=0.1.9,!=0.1.10' 'qpsolvers>=1.0.1'") in proc.stderr
+    assert "torchjd[" not in proc.stderr  # torchjd's hint names extras that pip 23 does not match
 
 
 # ---------------------------------------------------------------------------------------------
