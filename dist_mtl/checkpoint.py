@@ -7,6 +7,7 @@ Layout of ``checkpoints/step_<N>/``:
   aggregator.safetensors a stateful aggregator's state (GradVac's EMA targets, Nash-MTL's warm start)
   weighting.pt           each weighting method's state: learned weights, their optimizer, loss history
   rng_rank<R>.safetensors  each rank's torch RNG state (dropout masks continue exactly)
+  config.yaml            the resolved config the checkpoint was trained with (a rerun compares it)
 
 A checkpoint is written under ``.partial-step_<N>`` (every file fsynced, trainer_state.json last)
 and renamed to ``step_<N>`` by the main process only after every rank has written its part: a
@@ -24,10 +25,11 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import faults
@@ -83,16 +85,53 @@ def find_resume_path(resume: str, output_dir: str) -> Path | None:
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint was written at."""
+    return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None if each one reads back: JSON
+    parses, every safetensors header covers its file, every ``.pt`` zip has its central directory.
+    A file cut short by a crash or a full disk always fails one of these, since each format keeps
+    its index at one end. Cheap: headers and directories only, not the tensor data."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{STATE_FILE} has no step"
+        world_size = int(state.get("world_size", 1))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{STATE_FILE}: {type(e).__name__}"
+    names = {"model.safetensors", "optimizer.pt"} | {f.name for f in path.iterdir()}
+    for name in sorted(names):
+        file = path / name
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(file), "pt"):
+                    pass
+            elif name.endswith(".pt"):
+                with zipfile.ZipFile(file):
+                    pass
+        except (OSError, SafetensorError, zipfile.BadZipFile) as e:
+            return f"{name}: {' '.join(str(e).split())[:80] or type(e).__name__}"
+    missing = [f"rng_rank{r}.safetensors" for r in range(world_size) if not (path / f"rng_rank{r}.safetensors").is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    return None
+
+
 class CheckpointError(RunFailed):
     """A checkpoint could not be written (raised on every rank together); the previous ones stand."""
 
 
 def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
-         tensors: dict[str, dict[str, torch.Tensor]], keep: int, objects: dict[str, dict] | None = None) -> Path:
+         tensors: dict[str, dict[str, torch.Tensor]], keep: int, objects: dict[str, dict] | None = None,
+         texts: dict[str, str] | None = None) -> Path:
     """Write a checkpoint for ``step`` collectively; returns its final path. ``state`` goes to
     trainer_state.json; each ``tensors[name]`` (identical on every rank) to ``<name>.safetensors``;
     each ``objects[name]`` (nested dicts of tensors and numbers, such as a weighting method's
-    parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``.
+    parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``; each
+    ``texts[name]`` (the resolved config) to the file ``name``.
 
     If any rank cannot write its part (disk full, quota, I/O error), every rank raises
     ``CheckpointError`` together, the partial directory is removed and nothing else is touched."""
@@ -103,7 +142,8 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
         error = _attempt(lambda: _prepare(root, partial), root.parent)
     error = dist.broadcast_object(error)
     if error is None:
-        error = _attempt(lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors, objects), root.parent)
+        error = _attempt(lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors, objects, texts),
+                         root.parent)
         faults.during_save(step, dist.rank)
     errors = [e for e in dist.all_gather_object(error) if e is not None]  # every rank's files are on disk
     if dist.is_main:
@@ -142,7 +182,8 @@ def _prepare(root: Path, partial: Path) -> None:
 
 
 def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, state: dict,
-                 tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict] | None) -> None:
+                 tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict] | None,
+                 texts: dict[str, str] | None) -> None:
     """This rank's files: its RNG state; on the main process everything else, trainer_state.json
     last. Each file is fsynced, so a published checkpoint survives a node crash too."""
     rng = {"cpu": torch.get_rng_state()}
@@ -162,6 +203,9 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
         for name, obj in (objects or {}).items():
             written.append(partial / f"{name}.pt")
             _torch_save(obj, written[-1])
+        for name, text in (texts or {}).items():
+            written.append(partial / name)
+            written[-1].write_text(text)
     for path in written:
         _fsync(path)
     if dist.is_main:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Mapping
 
 from .config import Config, to_dict
 from .distributed import Distributed, slurm_job
+from .rundir import warn
 
 RUN_ID_FILE = "wandb_run_id"
 """Kept in the run directory: the W&B run a resumed or requeued job continues."""
@@ -53,7 +55,7 @@ def resolve_run_id(cfg: Config, run_dir: Path, resuming: bool) -> str:
     directory that already recorded that id (an earlier attempt killed before its first checkpoint)
     takes a new one: continuing the old run would log its steps twice."""
     path = run_dir / RUN_ID_FILE
-    recorded = path.read_text().strip() if path.exists() else None
+    recorded = _read_run_id(path)
     if cfg.log.run_id:
         run_id = cfg.log.run_id
     elif resuming and recorded:
@@ -63,8 +65,22 @@ def resolve_run_id(cfg: Config, run_dir: Path, resuming: bool) -> str:
         if run_id == recorded:
             run_id = f"{run_id}-{int(time.time())}"
     if run_id != recorded:
-        path.write_text(run_id + "\n")
+        tmp = path.with_name(f".{RUN_ID_FILE}.tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
     return run_id
+
+
+def _read_run_id(path: Path) -> str | None:
+    """The recorded run id; None if there is none, or if the file was cut (it is written whole, with
+    a final newline, so a file without one was damaged and its id may be a prefix of the real one)."""
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    if text.endswith("\n") and re.fullmatch(r"[A-Za-z0-9_-]{1,80}", text.strip()):
+        return text.strip()
+    warn(f"{path} is damaged ({text.strip()[:40]!r}); the run gets a new W&B run id")
+    return None
 
 
 def git_commit() -> str | None:
@@ -173,14 +189,28 @@ class Tracker:
 
     def _truncate_after(self, step: int | None) -> list[dict]:
         """On resume, drop lines logged after the checkpoint, so no step appears twice; return the
-        records kept."""
+        records kept. A line cut by a crash while appending (or otherwise unreadable) is dropped
+        with a warning; every complete line is kept."""
         if not self.metrics_path.exists():
             return []
         if step is None:
             self.metrics_path.unlink()  # a fresh run in a reused directory starts a fresh log
             return []
-        lines = [(line, json.loads(line)) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        kept = [(line, record) for line, record in lines if record.get("step", 0) <= step]
+        kept, torn = [], []
+        for number, line in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                torn.append(number)
+            elif record.get("step", 0) <= step:
+                kept.append((line, record))
+        if torn:
+            warn(f"{self.metrics_path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}), "
+                 "cut by a crash while writing; every complete line is kept")
         tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line, _ in kept))
         os.replace(tmp, self.metrics_path)

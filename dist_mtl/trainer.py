@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__, checkpoint, faults, preemption
-from .config import Config, TrainConfig, dump_yaml
+from . import __version__, checkpoint, faults, preemption, rundir
+from .config import Config, TrainConfig
 from .data import MultiTaskData, StepLoader, eval_shard, prepare
 from .distributed import Distributed, check_not_fsdp, env_is_main
 from .aggregation import build_aggregation
@@ -46,8 +46,15 @@ def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` on however many processes were launched; every rank calls this."""
     run_dir = Path(cfg.output_dir).resolve()
     _check_output_dir(run_dir)
-    # Before the process group: a refusal here is a clean exit 2 on every rank.
-    resume_path = checkpoint.find_resume_path(cfg.train.resume, str(run_dir))
+    # Before the process group, on every rank from the same files: another run's directory is a
+    # clean exit 2, a finished run is "nothing to do", otherwise resume or start.
+    try:
+        plan = rundir.plan_start(cfg, run_dir)
+    except rundir.NothingToDo as done:
+        if env_is_main():
+            print(f"dist-mtl: {done}", file=sys.stderr, flush=True)
+        return _finished_result(run_dir, cfg.train.max_steps)
+    resume_path = plan.resume_path
     check_not_fsdp()
     Tracker.check_wandb(cfg, env_is_main())
     dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
@@ -92,8 +99,7 @@ def train(cfg: Config) -> TrainResult:
         start = 0
         # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
         torch.manual_seed(cfg.seed + 1 + dist.rank)
-    if dist.is_main:
-        _write_run_files(cfg, dist, run_dir, data, resume_path, start)
+    run_record = _begin_attempt(cfg, dist, run_dir, data, plan, start)
     tracker = Tracker(cfg, dist, run_dir, start if resume_path else None)
 
     progress = _progress_bar(cfg, dist, start)
@@ -158,7 +164,10 @@ def train(cfg: Config) -> TrainResult:
                                  "nonfinite_skipped": guard.skipped},
                                 {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
                                 cfg.train.keep_checkpoints,
-                                objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}})
+                                objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}},
+                                texts={rundir.CONFIG_FILE: rundir.config_text(cfg)})
+                if run_record is not None:
+                    run_record.end_attempt(done)
             except checkpoint.CheckpointError as e:  # raised on every rank together
                 tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
                 if cfg.train.checkpoint_required or stop:  # a preemption stop without its checkpoint fails
@@ -173,6 +182,8 @@ def train(cfg: Config) -> TrainResult:
     progress.close()
     signals.restore()
     if stop or failure:  # every rank stops here together; flush W&B before SLURM may kill the job
+        if run_record is not None:
+            run_record.end_attempt(done if stop else step, "preempted" if stop else "failed")
         tracker.finish()
         del engines, weightings, model, optimizer, scheduler
         dist.shutdown()
@@ -185,7 +196,9 @@ def train(cfg: Config) -> TrainResult:
 
     digests = dist.check_consistent(model, cfg.train.max_steps)
     if dist.is_main:
-        _write_final(dist, model, run_dir, data, final_eval, digests)
+        _write_final(dist, model, run_dir, data, final_eval)
+        run_record.update(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), param_digests=digests)
+        run_record.end_attempt(cfg.train.max_steps, "finished")
     tracker.finish()
     del engines, weightings, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
     dist.shutdown()
@@ -440,19 +453,29 @@ def _check_free_space(dist: Distributed, run_dir: Path, t: TrainConfig, model: n
         raise ConfigError("output_dir", error)
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
+def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTaskData,
-                     resume_path: Path | None, start: int) -> None:
+def _atomic_json(path: Path, obj: dict) -> None:
+    _atomic_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _begin_attempt(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTaskData, plan: rundir.StartPlan,
+                   start: int) -> rundir.RunRecord | None:
+    """Write config.yaml and this attempt's entry in run.json (main process; None elsewhere). The
+    hosts are gathered from every rank, so every rank takes part."""
     import accelerate
     import datasets
 
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    _atomic_json(run_dir / "run.json", {
+    hosts = sorted(set(dist.all_gather_object(platform.node())))
+    if not dist.is_main:
+        return None
+    _atomic_text(run_dir / rundir.CONFIG_FILE, rundir.config_text(cfg))
+    record = rundir.RunRecord(run_dir)
+    facts = {
         "world_size": dist.world_size,
         "num_machines": dist.num_machines,
         "device": str(dist.device),
@@ -462,22 +485,32 @@ def _write_run_files(cfg: Config, dist: Distributed, run_dir: Path, data: MultiT
         "git_commit": git_commit(),
         "hostname": platform.node(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "resumed_from": str(resume_path) if resume_path else None,
+        "resumed_from": str(plan.resume_path) if plan.resume_path else None,
         "start_step": start,
         "datasets": [{"tasks": [t.name for t in g.tasks], "train_rows": len(g.train), "val_rows": len(g.val)}
                      for g in data.groups],
         "tasks": {t.name: {"kind": t.kind, "loss": t.loss_name, "out_dim": t.out_dim} for t in data.tasks},
-    })
+    }
+    attempt = {"start_step": start, "end_step": start, "world_size": dist.world_size,
+               "num_machines": dist.num_machines, "hosts": hosts,
+               "resumed_from": facts["resumed_from"], "mixed_precision": facts["mixed_precision"],
+               "changed": {key: {"old": old, "new": new} for key, (old, new) in plan.changed.items()}}
+    record.begin(facts, attempt)
+    return record
+
+
+def _finished_result(run_dir: Path, steps: int) -> TrainResult:
+    """What ``train`` returns for a run that was already finished (read from its files)."""
+    final_eval = rundir.read_json(run_dir / "final" / "eval.json") or {}
+    run = rundir.read_json(run_dir / rundir.RUN_FILE) or {}
+    return TrainResult(run_dir, steps, final_eval.get("metrics", {}), run.get("param_digests", []))
 
 
 def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: MultiTaskData,
-                 final_eval: dict[str, float], digests: list[str]) -> None:
+                 final_eval: dict[str, float]) -> None:
     final = run_dir / "final"
     final.mkdir(exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
     save_file(weights, str(final / "model.safetensors"), metadata={"dist_mtl": __version__})
     _atomic_json(final / "preprocessing.json", data.preprocessing)
     _atomic_json(final / "eval.json", {"metrics": final_eval, "baselines": data.baselines})
-    run = json.loads((run_dir / "run.json").read_text())
-    run.update({"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "param_digests": digests})
-    _atomic_json(run_dir / "run.json", run)
