@@ -753,6 +753,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, len(cfg.tasks))
         except AggregatorUnavailable as e:
             raise ConfigError("mtl.aggregator", str(e)) from None
+        except ConfigError:  # the adapter's own keys (vanished_rtol) name themselves
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError("mtl.aggregator_args", f"{mtl.aggregator}: {' '.join(str(e).split())}") from None
         except Exception as e:  # torchjd checks some arguments only by using them (a list for a tensor)
