@@ -295,6 +295,10 @@ class LogConfig:
     comm_bytes: bool = False
     """Log ``perf/comm_bytes``: gradient bytes all-reduced in each logged optimizer step (adds a
     counting hook to DDP's all-reduce; a debugging and benchmarking aid)."""
+    vanishing_loss_fraction: float = 1e-3
+    """Warn once per task when its global training loss at a log step falls to this fraction of
+    the first value logged for it (a task fitted exactly, a constant target), naming the configured
+    methods that react to it (see ``dist_mtl/vanishing.py``); 0 never warns."""
 
 
 @dataclass
@@ -753,6 +757,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, len(cfg.tasks))
         except AggregatorUnavailable as e:
             raise ConfigError("mtl.aggregator", str(e)) from None
+        except ConfigError:  # the adapter's own keys (vanished_rtol) name themselves
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError("mtl.aggregator_args", f"{mtl.aggregator}: {' '.join(str(e).split())}") from None
         except Exception as e:  # torchjd checks some arguments only by using them (a list for a tensor)
@@ -792,6 +798,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.resume in ("auto", "none") or os.path.isdir(t.resume), "train.resume",
              f"must be auto, none or an existing checkpoint directory; {t.resume!r} not found")
     _require(cfg.log.every > 0, "log.every", f"must be a positive integer, got {cfg.log.every}")
+    _require(0 <= cfg.log.vanishing_loss_fraction < 1, "log.vanishing_loss_fraction",
+             f"must be in [0, 1), got {cfg.log.vanishing_loss_fraction}")
     _require(cfg.log.run_id is None or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.log.run_id) is not None,
              "log.run_id", f"must be 1-64 letters, digits, '-' or '_', got {cfg.log.run_id!r}")
     for name, args, key in weightings:  # built once: a bad argument exits 2 here rather than mid-run

@@ -259,7 +259,7 @@ def test_learnable_softmax_collapses_without_the_regulariser(tmp_path):
 
 @pytest.mark.parametrize("method, args, fragment", [
     ("dwa", {"temprature": 2}, "mtl.weighting_args.temprature: unknown argument (did you mean 'temperature'?) "
-                               "for weighting 'dwa'; allowed: temperature, window"),
+                               "for weighting 'dwa'; allowed: loss_floor, temperature, window"),
     ("dwa", {"temperature": 0}, "mtl.weighting_args.temperature: must be > 0.0, got 0.0"),
     ("dwa", {"window": "week"}, "mtl.weighting_args.window: must be 'epoch' or a positive number of steps"),
     ("uncertainty", {"form": "homoscedastic"}, "mtl.weighting_args.form: must be kendall or simple"),

@@ -57,6 +57,10 @@ class Weighting:
     uses_losses: ClassVar[bool] = False
     needs_task_grads: ClassVar[bool] = False
     needs_batch_losses: ClassVar[bool] = False
+    vanishing: ClassVar[str] = ""
+    """What the method does with a task whose loss goes to 0, when that matters (its weight grows,
+    its loss ratios degenerate): the trainer's vanishing-loss warning quotes it. Empty for methods
+    that a vanished task leaves alone (its gradient is then 0, and so is its contribution)."""
 
     def __init__(self, tasks: list, args: dict[str, Any], cfg, device: torch.device = torch.device("cpu"),
                  key: str = "mtl.weighting_args", steps_per_epoch: int = 1) -> None:

@@ -14,6 +14,11 @@ gradient of W on its micro-batches (T extra backward passes through the heads an
 trainer all-reduces them (T x |W| numbers) before ``end_step``; per-rank norms would differ between
 ranks and from the one-process run. The weights have their own Adam optimizer (``lr``, default
 ``train.lr``), saved in checkpoints.
+
+A task whose loss and gradient vanish needs no further guard: r_t -> 0 sends its target to 0, so
+its weight falls to ``min_weight`` (the renormalisation keeps every weight positive and the sum at
+T); a zero gradient norm gives dL_grad/dw_t = 0 (no push either way), a zero initial loss the
+ratio 1, and a zero mean ratio the target mean(G). The other tasks share the rest.
 """
 
 from __future__ import annotations

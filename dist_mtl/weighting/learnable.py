@@ -12,6 +12,13 @@ that circulates as "DWA" (which also mutates an ``nn.Parameter`` inside ``forwar
 the minimiser for fixed losses is p = softmax(-T L / lambda): lower losses still get more weight,
 but smoothly, and every task keeps a share; a larger lambda stays closer to equal weights.
 
+A task whose loss vanishes gets the largest weight, by that design: p_t is proportional to 1 for
+it and to exp(-T L_j / lambda) for a task j. It needs no guard: the weights stay within (0, T),
+the other tasks' weights keep their ratios to each other, and the fitted task's weighted gradient
+goes to 0 with its gradient. The others' share does shrink when their losses are large next to
+lambda / T (with T = 3, lambda = 1 and L_j = 2, a factor of about 400); a larger ``entropy`` keeps
+it. The trainer's vanishing-loss warning says so.
+
 theta is an extra trainable parameter: the engines back-propagate into it and all-reduce its
 gradient with the model's (the objective is linear in L, so the mean of the ranks' gradients is the
 global one). Own Adam optimizer, ``lr`` default ``train.lr``.
@@ -28,6 +35,7 @@ from .base import LearnedScalars, Weighting
 class LearnableWeighting(Weighting):
     name = "learnable"
     defaults = {"entropy": 1.0, "lr": None}
+    vanishing = "the lowest loss gets the largest weight, exp(T L_j / entropy) times another task j's"
 
     def setup(self, cfg) -> None:
         if self.args["lr"] is None:
