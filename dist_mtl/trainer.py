@@ -28,6 +28,7 @@ from .models import MultiTaskModel, build_model
 from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tasks import Task
 from .tracking import Tracker, git_commit
+from .vanishing import VanishingLossMonitor
 from .schedule import Schedule, TaskSampler
 from .weighting import StepResult, Weighting, build_weighting
 
@@ -81,6 +82,7 @@ def train(cfg: Config) -> TrainResult:
     # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
     # share the instance and its state).
     schedule = Schedule(cfg)
+    vanishing = VanishingLossMonitor.from_config(cfg)  # warns once per task whose loss goes to 0
     weightings = {key: build_weighting(cfg, name, args, dist.device, steps_per_epoch=loader.steps_per_epoch)
                   for key, (name, args) in schedule.weightings.items()}
     aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
@@ -120,7 +122,8 @@ def train(cfg: Config) -> TrainResult:
         engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
         try:
             result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
-                                guard, need_global_losses=log_now or schedule.watches_losses(), probe=probe)
+                                guard, need_global_losses=log_now or step == start or schedule.watches_losses(),
+                                probe=probe)
         except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
             failure = e
         for event in guard.take_events():
@@ -128,6 +131,11 @@ def train(cfg: Config) -> TrainResult:
         if failure:
             break
         interval.add(time.perf_counter() - tic)
+        warning = vanishing.observe(done, result.losses) if not result.skipped else None  # global: same on every rank
+        if warning:
+            tracker.log_event("vanishing_loss", {"step": done, "message": warning})
+            if dist.is_main:
+                progress.write(warning, file=sys.stderr)
         if not result.skipped:  # NaN losses would sit in the threshold window
             for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
                 switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})

@@ -272,3 +272,30 @@ def test_sensitive_methods_of_a_config(tmp_path):
     assert {n for n, cls in WEIGHTINGS.items() if cls.vanishing} == {"uncertainty", "dwa", "famo", "learnable"}
     monitor = VanishingLossMonitor.from_config(cfg)
     assert monitor.task_names == ["t0", "t1", "t2"] and monitor.fraction == 1e-3
+
+
+@pytest.mark.slow
+def test_a_constant_target_column_warns_once_in_a_real_run(tmp_path):
+    """End to end: a sensor column that never changes trains next to a noisy target; the run says
+    once, on the main process, that its loss vanished and which configured method reacts to it."""
+    import numpy as np
+
+    from conftest import launch, write_config
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 4))
+    rows = ["x0,x1,x2,x3,t0,sensor"] + [",".join(f"{v:.5f}" for v in (*r, r[0] - r[1] + 0.3 * rng.standard_normal(), 1.0))
+                                        for r in x]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    config = write_config(tmp_path / "const.yaml", {
+        "seed": 0, "data": {"source": "csv", "path": "data.csv"},
+        "tasks": [{"name": "t0", "kind": "regression"}, {"name": "sensor", "kind": "regression"}],
+        "model": {"hidden": [16]}, "mtl": {"weighting": "uncertainty"},
+        "train": {"max_steps": 300, "batch_size": 32, "lr": 0.01},
+        "log": {"wandb": "disabled", "every": 10, "progress": False}})
+    run = launch(config, tmp_path / "out", nproc=2).check()
+    assert run.json("run.json")["world_size"] == 2
+    lines = [line for line in run.stderr.splitlines() if "task 'sensor'" in line]
+    assert len(lines) == 1 and lines[0].startswith("dist-mtl: warning: step ") and "'uncertainty'" in lines[0], run.stderr
+    events = [m for m in run.metrics() if m.get("event") == "vanishing_loss"]
+    assert len(events) == 1 and "sensor" in events[0]["message"] and "t0" not in events[0]["message"]
