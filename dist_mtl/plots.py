@@ -104,16 +104,19 @@ def smoothing_span(count: int) -> int:
     return max(3, count // 10)
 
 
-def is_noisy(values: Sequence[float], min_points: int = 20, reversals: float = 0.3) -> bool:
-    """Whether a series zigzags: more than ``reversals`` of its moves go the other way from the move
-    before (noise reverses about 2/3 of them, a smooth curve almost none, whatever the scale or
-    trend). Short and constant series are never smoothed."""
-    finite = [v for v in values if math.isfinite(v)]
+def is_noisy(values: Sequence[float], log: bool = False, min_points: int = 20) -> bool:
+    """Whether a series needs smoothing to be read: it zigzags (more than 30 % of its moves reverse
+    the move before; noise reverses about 2/3, a smooth curve almost none) *and* a typical move is
+    over 4 % of its whole range (a GradNorm weight's small jitter on a large trend stays raw, since
+    an EMA would only add lag). ``log``: judged on log values, as drawn on a log axis. Short and
+    constant series are never smoothed."""
+    finite = [math.log(v) if log else v for v in values if math.isfinite(v) and (v > 0 or not log)]
     moves = [b - a for a, b in zip(finite, finite[1:]) if b != a]
     if len(finite) < min_points or len(moves) < 2:
         return False
     turns = sum((a > 0) != (b > 0) for a, b in zip(moves, moves[1:]))
-    return turns > reversals * (len(moves) - 1)
+    typical = sorted(abs(m) for m in moves)[len(moves) // 2]
+    return turns > 0.3 * (len(moves) - 1) and typical > 0.04 * (max(finite) - min(finite))
 
 
 def weight_limits(series: Sequence[Sequence[float]]) -> tuple[float, float] | None:
@@ -182,15 +185,20 @@ def validation_panels(records: list[dict], baselines: dict[str, dict[str, float]
     return panels
 
 
-def _draw(ax, steps: list[int], values: list[float], label: str, color="C0", linewidth: float = 1.5) -> bool:
-    """One per-step series: raw and faint behind its EMA when it zigzags, else plain. Returns
-    whether it was smoothed (the title then says so)."""
-    noisy = is_noisy(values)
-    if noisy:
-        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        values = ema(values, smoothing_span(len(values)))
-    ax.plot(steps, values, color=color, label=label, linewidth=linewidth)
-    return noisy
+def _draw(ax, lines: list[tuple[str, list[int], list[float], object, float]], log: bool = False,
+          always: bool = False) -> str:
+    """Per-step series given as (label, steps, values, colour, line width). If any is noisy, all are
+    drawn raw and faint behind their EMA (one rule per chart, so that lines compare); else plain.
+    ``always``: smooth any series of 20 points or more. Returns a second title line that says so
+    ("" when nothing was smoothed)."""
+    noisy = any(is_noisy(values, log=log) or (always and len(values) >= 20) for _, _, values, _, _ in lines)
+    for label, steps, values, color, width in lines:
+        if noisy:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+            values = ema(values, smoothing_span(len(values)))
+        ax.plot(steps, values, color=color, label=label, linewidth=width)
+    span = smoothing_span(max(len(values) for _, _, values, _, _ in lines))
+    return f"\nfaint: raw; bold: EMA over {span} points" if noisy else ""
 
 
 def _run_facts(run_dir: Path) -> dict:
@@ -210,6 +218,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> dict[str,
 
     matplotlib.use("Agg")  # files only: no display needed (SLURM nodes, CI)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -230,34 +239,37 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> dict[str,
         plt.close(fig)
         written[name] = out / name
 
-    def mark_switches(ax) -> None:
+    def step_axis(ax) -> None:
+        """Whole steps on the x axis (a 20-step run would get 2.5, 7.5, ...) and phase switches dotted."""
+        ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True))
         for switch in switches:
             ax.axvline(switch["step"], color="grey", linestyle=":", linewidth=1)
 
     # validation.png: each task's headline metric against its trivial baseline
     panels = validation_panels(records, baselines)
     if panels:
-        cols = 1 if len(panels) == 1 else 2 if len(panels) <= 4 else 3
+        cols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
         rows = math.ceil(len(panels) / cols)
         # smaller panels when there are many, so that 10 tasks still fit a screen
-        size = (6, 3.6) if cols == 1 else (5, 3.2) if rows <= 2 else (4, 2.6)
+        size = (6, 3.6) if cols == 1 else (5, 3.2) if cols == 2 else (4.2, 3.2) if rows <= 2 else (4.2, 2.6)
         fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows + 0.6), squeeze=False,
                                  layout="constrained")
         for ax, panel in zip(axes.flat, panels):
             metric = panel.metric
             scale = 100 if metric == "accuracy" else 1  # accuracy in %, as the summary prints it
             ax.plot(panel.steps, [scale * v for v in panel.values], marker="o", markersize=4,
-                    color=color.get(panel.task, "C0"), label=f"model: {format_value(metric, panel.values[-1])}")
+                    color=color.get(panel.task, "C0"))
             if panel.baseline is not None:
-                ax.axhline(scale * panel.baseline, color="black", linestyle="--", linewidth=1,
-                           label=f"trivial baseline: {format_value(metric, panel.baseline)}")
+                ax.axhline(scale * panel.baseline, color="black", linestyle="--", linewidth=1)
+            # the numbers in the title rather than a legend, which "best" still places over the baseline
             better = "higher" if panel.higher_is_better else "lower"
-            ax.set(title=f"{panel.task}: {metric} ({better} is better)", xlabel="optimizer step",
-                   ylabel=f"{metric} (%)" if metric == "accuracy" else metric)
+            base = format_value(metric, panel.baseline) if panel.baseline is not None else "not known yet"
+            ax.set_title(f"{panel.task}: {metric}, {better} is better\nlast: {format_value(metric, panel.values[-1])}; "
+                         f"baseline: {base}", fontsize="medium")
+            ax.set(xlabel="optimizer step", ylabel=f"{metric} (%)" if metric == "accuracy" else metric)
             ax.margins(y=0.1)  # keep the baseline off the frame
             ax.set_xlim(left=0)  # the same step axis as the training curves, even with one evaluation
-            mark_switches(ax)
-            ax.legend(fontsize="small")
+            step_axis(ax)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         note = ("dashed: trivial baseline (train mean or majority class)" if baselines else
@@ -273,44 +285,54 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> dict[str,
     if train_keys or eval_keys:
         # shared axes: train and validation loss of a task read at the same height
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True, sharey=True, layout="constrained")
-        smoothed = False
-        for key in train_keys:
-            task = key.split("/", 1)[1]
-            smoothed |= _draw(axes[0], *_series(records, key), label=task, color=color.get(task, "C0"))
+        lines = [(key.split("/", 1)[1], *_series(records, key), color.get(key.split("/", 1)[1], "C0"), 1.5)
+                 for key in train_keys]
+        note = _draw(axes[0], lines, log=True) if lines else ""
         for key in eval_keys:
             task = key.split("/")[1]
             axes[1].plot(*_series(records, key), marker="o", markersize=4, label=task, color=color.get(task, "C0"))
-        titles = ("train loss, global mean" + (" (faint: raw; bold: EMA)" if smoothed else ""), "validation loss")
+        titles = ("train loss, global mean" + note, "validation loss")
         for ax, title in zip(axes, titles):
             ax.set(title=title, xlabel="optimizer step", yscale="log")
-            mark_switches(ax)
-            if ax.lines:
-                ax.legend(fontsize="small")
+            step_axis(ax)
+        axes[0].set_ylabel("loss (log scale)")
+        # one legend for both panels (a task has one colour), outside them: it never covers a line
+        handles = {line.get_label(): line for ax in axes for line in ax.lines if not line.get_label().startswith("_")}
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
         save(fig, "losses.png")
     else:
         written["losses.png"] = None
 
-    # weights.png
-    weight_keys = _keys(records, "weight/")
-    if weight_keys:
-        series = {key.split("/", 1)[1]: _series(records, key) for key in weight_keys}
-        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    def weights_panel(ax, prefix: str, title: str, method: str | None) -> None:
+        series = {key.split("/", 1)[1]: _series(records, key) for key in _keys(records, prefix)}
         groups = group_identical(series)
         limits = weight_limits([values for _, _, values in groups])
-        smoothed = False
+        # Lines that coincide over part of the run (a phase that drops some tasks) would hide each
+        # other: then earlier lines are drawn wider, so that a covered one still shows at its edges.
+        points = [set(zip(steps, values)) for _, steps, values in groups]
+        overlap = any(len(a & b) >= max(2, len(a) // 10) for i, a in enumerate(points) for b in points[i + 1:])
+        lines = []
         for i, (names, steps, values) in enumerate(groups):
             label = " = ".join(names) + (f": {values[0]:g}" if limits is not None else "")
-            # earlier lines wider, so that a line partly hidden by a later one still shows at its edges
-            width = 1.5 + 2.0 * (len(groups) - 1 - i) / max(1, len(groups) - 1)
-            smoothed |= _draw(ax, steps, values, label=label, color=color.get(names[0], "C0"), linewidth=width)
-        title = "task weights" + (", constant" if limits is not None else "")
-        title += f" (mtl.weighting: {mtl['weighting']})" if mtl.get("weighting") else ""
-        title += " (faint: raw; bold: EMA)" if smoothed else ""
+            width = 1.5 + (2.0 * (len(groups) - 1 - i) / max(1, len(groups) - 1) if overlap else 0.0)
+            lines.append((label, steps, values, color.get(names[0], "C0"), width))
+        note = _draw(ax, lines)
         if limits is not None:
             ax.set_ylim(*limits)
-        ax.set(title=title, xlabel="optimizer step", ylabel="weight")
-        mark_switches(ax)
+        title += (", constant" if limits is not None else "") + (f" ({method})" if method else "")
+        ax.set(title=title + note, xlabel="optimizer step", ylabel="weight")
+        step_axis(ax)
         ax.legend(fontsize="small")
+
+    # weights.png: the loss weights, and beside them the aggregator's effective weights (jacobian
+    # backward), which are what moves when a gradient-level method runs on equal loss weights
+    if _keys(records, "weight/"):
+        panels = [("weight/", "loss weights", mtl.get("weighting"))]
+        if _keys(records, "agg_weight/"):
+            panels.append(("agg_weight/", "aggregator weights", mtl.get("aggregator")))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False, layout="constrained")
+        for ax, panel in zip(axes.flat, panels):
+            weights_panel(ax, *panel)
         save(fig, "weights.png")
     else:
         written["weights.png"] = None
@@ -342,10 +364,11 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> dict[str,
     steps, rates = _series(records, "perf/samples_per_s")
     if steps:
         fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
-        smoothed = _draw(ax, steps, rates, label="samples / s")
-        title = "throughput, training steps only" + (" (faint: raw; bold: EMA)" if smoothed else "")
+        # always smoothed: its spikes follow the machine's load, and a median step hides them from is_noisy
+        title = "throughput, training steps only" + _draw(ax, [("samples / s", steps, rates, "C0", 1.5)], always=True)
         ax.set(title=title, xlabel="optimizer step", ylabel="samples / s")
         ax.set_ylim(bottom=0)
+        step_axis(ax)
         save(fig, "throughput.png")
     else:
         written["throughput.png"] = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def test_plot_writes_every_chart_of_a_run(tmp_path):
     run = launch(config, tmp_path / "run", ["log.every=2"]).check()
     proc = plot(run.output_dir)
     assert proc.returncode == 0, proc.stderr
-    for name in ("losses", "weights", "conflict", "throughput"):
+    for name in ("validation", "losses", "weights", "conflict", "throughput"):
         path = run.output_dir / "plots" / f"{name}.png"
         assert str(path) in proc.stdout
         assert 10_000 < path.stat().st_size < 1_000_000, (name, path.stat().st_size)
@@ -127,6 +128,10 @@ def test_only_zigzagging_series_are_smoothed():
 
     assert is_noisy([1.0, 3.0] * 15)
     assert not is_noisy([1.0 / s for s in range(1, 40)])  # a smooth decay stays crisp
+    trend = [2 * (1 - math.exp(-i / 10)) + 0.01 * (-1) ** i for i in range(100)]
+    assert not is_noisy(trend)  # a small jitter on a large move: an EMA would only add lag
+    decay = [max(math.exp(-i / 10), 0.05) * (1.3 if i % 2 else 1.0) for i in range(60)]  # then a noisy plateau
+    assert is_noisy(decay, log=True) and not is_noisy(decay)  # on a log axis the late zigzag dominates
     assert not is_noisy([1.0] * 40)  # constant
     assert not is_noisy([1.0, 3.0] * 5)  # too short to call
     assert smoothing_span(10) == 3 and smoothing_span(120) == 12
