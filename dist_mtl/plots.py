@@ -4,7 +4,8 @@ One figure per question a user asks of a multi-task run:
 - ``validation.png``: is each task better than a trivial predictor? Its headline validation metric
   (accuracy, RMSE) per evaluation, beside the baseline from ``final/eval.json`` (dashed).
 - ``losses.png``: is each task learning? Train loss per task (global means) and eval loss per task.
-- ``weights.png``: how do the task weights move? ``weight/<task>`` per step, phase switches marked.
+- ``weights.png``: how do the task weights move? ``weight/<task>`` per step, phase switches marked,
+  and beside them the aggregator's effective ``agg_weight/<task>`` (``backward: jacobian``).
 - ``conflict.png``: do the tasks fight? The task-gradient cosine matrix at the last step that logged
   one (``backward: jacobian``, or ``log.grad_conflict=true``).
 - ``throughput.png``: samples per second over the run.
@@ -47,12 +48,12 @@ def parse_metrics(lines: Sequence[str], name: str = "metrics.jsonl") -> tuple[li
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     for index, (number, line) in enumerate(numbered):
         try:
-            record = json.loads(line)
+            record, torn = json.loads(line), False
         except json.JSONDecodeError:
-            record = None
+            record, torn = None, True
         if isinstance(record, dict):
             records.append(record)
-        elif index == len(numbered) - 1 and record is None:
+        elif torn and index == len(numbered) - 1:
             warnings.append(f"{name}:{number}: incomplete last line skipped (the run was writing it, "
                             "or stopped while writing it)")
         else:
