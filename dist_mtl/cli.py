@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML config file (see configs/)")
         sub.add_argument("overrides", nargs="*", metavar="key.path=value",
                          help="override config values, e.g. train.lr=3e-3 tasks.price.weight=2")
-    text = "PNG charts of a run from its metrics.jsonl: losses, task weights, gradient conflict, throughput"
+    text = ("PNG charts of a run from its metrics.jsonl: validation metrics vs trivial baselines, losses, "
+            "task weights, gradient conflict, throughput")
     plot = commands.add_parser("plot", help=text, description=text)
     plot.add_argument("run_dir", help="a run's output_dir")
     plot.add_argument("--output", help="where the PNGs go (default: RUN_DIR/plots)")
@@ -79,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "plot":
-            from .plots import plot_run
+            from .plots import SKIPPED, plot_run
 
             for name, path in plot_run(args.run_dir, args.output).items():
-                print(path if path is not None else f"{name}: skipped (the run logged nothing for it)")
+                print(path if path is not None else f"{name}: skipped ({SKIPPED[name]})")
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
