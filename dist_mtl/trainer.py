@@ -30,6 +30,7 @@ from .tasks import Task
 from .tracking import Tracker, git_commit
 from .vanishing import VanishingLossMonitor
 from .schedule import Schedule, TaskSampler
+from .summary import format_summary
 from .weighting import StepResult, Weighting, build_weighting
 
 
@@ -45,6 +46,7 @@ class TrainResult:
 
 def train(cfg: Config) -> TrainResult:
     """Train ``cfg`` on however many processes were launched; every rank calls this."""
+    started = time.perf_counter()  # for the end-of-run summary: this attempt's wall time
     run_dir = Path(cfg.output_dir).resolve()
     _check_output_dir(run_dir)
     # Before the process group, on every rank from the same files: another run's directory is a
@@ -208,6 +210,9 @@ def train(cfg: Config) -> TrainResult:
         run_record.update(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), param_digests=digests)
         run_record.end_attempt(cfg.train.max_steps, "finished")
     tracker.finish()
+    if dist.is_main:  # after W&B's closing lines: the summary is the last thing in a terminal or SLURM log
+        print(format_summary(run_dir, final_eval, data.baselines, time.perf_counter() - started,
+                             cfg.train.max_steps, dist.world_size, start_step=start), flush=True)
     del engines, weightings, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
     dist.shutdown()
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
