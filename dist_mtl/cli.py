@@ -76,6 +76,9 @@ def _after_rank_0(code: int) -> bool:
         return False
 
     def stopped(signum, frame):
+        # Exit once: a second SIGTERM (srun and the launcher both send one) would otherwise
+        # interrupt the interpreter's exit with a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(code)
 
     signal.signal(signal.SIGTERM, stopped)

@@ -213,8 +213,8 @@ def test_unusable_arguments_fail_the_job_before_it_trains(cluster, tmp_path):
 
 def test_preemption_in_a_job_without_scontrol_checkpoints_and_says_resubmit(cluster, tmp_path):
     """A job whose nodes lack scontrol (a container): the batch script still finds the head node,
-    two nodes train, and SIGUSR1 ends with the checkpoint, exit 3 on both ranks and the line that
-    says the requeue failed, instead of a traceback."""
+    two nodes train, and SIGUSR1 ends with the checkpoint, exit 3 and the line that says the requeue
+    failed, instead of a traceback."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
     run_dir = tmp_path / "run"
     job = sbatch(cluster, "train_multinode.sbatch", run_dir, config, "train.signal_check_every=5", nodes=2,
@@ -226,6 +226,9 @@ def test_preemption_in_a_job_without_scontrol_checkpoints_and_says_resubmit(clus
     nodes = [(run_dir / f"logs/{job}-node{node}.out").read_text() for node in (0, 1)]
     assert (f"dist-mtl: SIGUSR1 received: stopped after step 5 and checkpointed it; requeue of job {job} failed "
             "(scontrol is not on PATH, as in many containers); resubmit to resume") in nodes[0], log
-    for text in nodes:  # each node's launcher reports its rank's exit code; no rank printed a traceback
-        assert text.count("exitcode  : 3") == 1 and not RANK_TRACEBACK.search(text), log
+    # Rank 0's launcher reports its exit code 3. Rank 1 waited for rank 0 to be done (its own exit
+    # could have got rank 0 stopped mid-requeue through srun's --kill-on-bad-exit); srun then stopped
+    # node 1's launcher, which prints no summary. No rank printed a traceback.
+    assert nodes[0].count("exitcode  : 3") == 1, log
+    assert not any(RANK_TRACEBACK.search(text) for text in nodes), log
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_5"]
