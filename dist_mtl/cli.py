@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 
 from . import __version__
@@ -44,12 +46,58 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see `dist-mtl --help`)")
 
 
+REPORT_GRACE_S = 90
+"""How long a rank other than 0 waits for rank 0 to report and exit (see _after_rank_0). Longer
+than rank 0's slowest report, a requeue (preemption.REQUEUE_TIMEOUT_S)."""
+
+
+def _after_rank_0(code: int) -> bool:
+    """When every rank stops for the same reason and rank 0 alone reports it (a usage error, a
+    preemption, a collective failure): on the other ranks, wait for rank 0 to be done, then exit
+    with ``code``. Returns at once (False) on rank 0, without a launcher, or where waiting serves
+    nothing (below).
+
+    Why wait: a launcher stops all ranks as soon as one exits. Were rank 1 to exit first, rank 0
+    could be stopped before its line is out, or in the middle of requeuing the job, and the
+    launcher's summary would blame rank 1. (Seen with torchrun on 2 busy cores: rank 1 exited 2
+    first and rank 0 got SIGTERM; its line had just got out.) So this rank waits for the launcher's
+    SIGTERM, which comes once rank 0 has exited, and exits ``code`` then: every rank reports the
+    same code. Returns True if REPORT_GRACE_S passed without it (an error of this rank's own).
+
+    Only where rank 0's exit stops this rank and this rank's exit could stop rank 0: on rank 0's
+    machine (one launcher, GROUP_RANK 0), or under srun (slurm/, whose --kill-on-bad-exit ends
+    every node's launcher when one fails). Elsewhere, as with one accelerate launch per machine,
+    nothing would stop this rank, and its own exit does not touch rank 0's machine."""
+    from .distributed import env_is_main
+
+    if env_is_main() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if os.environ.get("GROUP_RANK", "0") != "0" and "SLURM_STEP_ID" not in os.environ:
+        return False
+
+    def stopped(signum, frame):
+        # Exit once: a second SIGTERM (srun and the launcher both send one) would otherwise
+        # interrupt the interpreter's exit with a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(code)
+
+    signal.signal(signal.SIGTERM, stopped)
+    time.sleep(REPORT_GRACE_S)
+    return True
+
+
 def _fail(message: str) -> None:
+    """Exit 2 with the one-line error, printed once: by rank 0 (every rank finds the same error,
+    checked before the process group forms), or by another rank whose error is its own (a file
+    missing on its node: rank 0 went on, and this rank was not stopped)."""
     from .config import one_line
     from .distributed import env_is_main
 
-    if env_is_main():  # under a launcher, one copy of the message rather than one per rank
-        print(f"dist-mtl: error: {one_line(message)}", file=sys.stderr)
+    if env_is_main():
+        print(f"dist-mtl: error: {one_line(message)}", file=sys.stderr, flush=True)
+    elif _after_rank_0(2):
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        print(f"dist-mtl: error: rank {rank} of {world}: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -95,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train(cfg)
-        except Preempted as e:
+        except Preempted as e:  # every rank stopped together: one line, once
             if env_is_main():
                 print(f"dist-mtl: {e}", file=sys.stderr, flush=True)
+            _after_rank_0(EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         except RunFailed as e:  # every rank stopped together: one line, once
             if env_is_main():
                 print(f"dist-mtl: error: {e}", file=sys.stderr, flush=True)
+            _after_rank_0(1)
             return 1
     except UsageError as e:
         _fail(str(e))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
 import torch
 
@@ -61,16 +60,33 @@ class StopSignals:
             signal.signal(signum, previous)
 
 
+REQUEUE_TIMEOUT_S = 60
+"""How long ``scontrol requeue`` may take. It retries an unreachable slurmctld for a while; SLURM's
+warning comes only ``--signal=B:USR1@<secs>`` (120 in slurm/) before the end, and exiting 3 with a
+"resubmit" line beats being killed mid-wait with no word at all."""
+
+
 def requeue(is_main: bool, signal_name: str) -> str:
     """After a preemption checkpoint: on global rank 0, requeue the SLURM job if the signal was the
-    preemption warning. Returns what happened, for the exit message."""
+    preemption warning. Returns what happened, for the exit message (one line). Never raises: the
+    checkpoint is written, so a failed requeue must still end in exit 3 and a way to resume."""
     job = slurm_job()
     if signal_name != "SIGUSR1" or job is None:
         return "not requeued (" + ("SIGTERM: the job is ending" if job else "not a SLURM job") + ")"
     if not is_main:
         return f"job {job} requeued by rank 0"
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"dist-mtl: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
-        return f"requeue of job {job} FAILED; resubmit to resume"
-    return f"job {job} requeued"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=REQUEUE_TIMEOUT_S)
+    except FileNotFoundError:  # containers (enroot/pyxis, Apptainer) often lack SLURM's client tools
+        reason = "scontrol is not on PATH, as in many containers"
+    except subprocess.TimeoutExpired:
+        reason = f"scontrol requeue {job} did not answer within {REQUEUE_TIMEOUT_S} s"
+    except OSError as e:  # not executable, and the like
+        reason = f"scontrol could not run: {e}"
+    else:
+        if done.returncode == 0:
+            return f"job {job} requeued"
+        said = " ".join(done.stderr.split()) or "no message"
+        reason = f"scontrol requeue {job} exited {done.returncode}: {said}"
+    return f"requeue of job {job} failed ({reason}); resubmit to resume"

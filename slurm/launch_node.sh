@@ -8,6 +8,10 @@
 # The first node hosts the c10d rendezvous store, said explicitly: torch would guess it from the
 # address, and nodes that share an address (or NAT) would all try to host it.
 set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+# No head address from common.sh (no scontrol there): srun was started on the head node, and
+# SLURM_LAUNCH_NODE_IPADDR is its address; the head node's name is the last resort.
+HEAD_ADDR=${HEAD_ADDR:-${SLURM_LAUNCH_NODE_IPADDR:-$HEAD_NODE}}
 
 if [ "$NUM_PROCESSES" -gt 1 ]; then
   launcher=(python -m accelerate.commands.launch --multi_gpu
@@ -18,12 +22,15 @@ if [ "$NUM_PROCESSES" -gt 1 ]; then
 else
   launcher=(python)  # one process in all: no launcher, no process group
 fi
-echo "[$(date +%T)] node $SLURM_NODEID ($(hostname)): ${launcher[*]} -m dist_mtl train $*"
+echo "[$(date +%T)] node $SLURM_NODEID (${HOSTNAME:-?}): ${launcher[*]} -m dist_mtl train $*"
 
 forward() {
   echo "[$(date +%T)] node $SLURM_NODEID: $1 -> training processes"
-  pkill "-$1" -P "$agent" 2>/dev/null || true  # the agent's children: the workers
-  [ "$NUM_PROCESSES" -gt 1 ] || kill "-$1" "$agent" 2>/dev/null || true  # no agent: the worker itself
+  if [ "$NUM_PROCESSES" -gt 1 ]; then
+    signal_children "$1" "$agent"  # the agent's children: the workers
+  else  # no agent: the worker itself (not its children, such as W&B's service process)
+    kill "-$1" "$agent" 2>/dev/null || true
+  fi
 }
 (trap '' USR1; exec "${launcher[@]}" -m dist_mtl train "$@") &
 agent=$!

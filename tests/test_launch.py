@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, RTOL, TINY, child_env, free_port, launch, max_relative_difference, write_config
+from conftest import (REPO, RTOL, TINY, child_env, free_port, launch, launch_together, max_relative_difference,
+                      write_config)
 from dist_mtl.distributed import LaunchError, check_not_fsdp
 
 
@@ -72,3 +74,28 @@ def test_a_rank_killed_on_one_machine_stops_the_other_machine_within_60_s(tmp_pa
     assert time.monotonic() - started < 60
     assert [p.returncode != 0 for p in launchers] == [True, True]
     assert "dist-mtl: rank 0 of 2 stopped: it lost contact with another rank" in outputs[0], outputs[0][-3000:]
+
+
+@pytest.mark.slow
+def test_a_config_error_under_either_launcher_is_one_line_and_writes_nothing(tmp_path):
+    """train.batch_size=255 on 2 processes, under both launchers as launch/README.md shows them: the
+    config is checked before the process group forms, so rank 0 exits 2 at once with the one error
+    line, and output_dir is never created. Rank 1 exits 2 after rank 0 (had it exited first, the
+    launcher could have stopped rank 0 before it printed). The launcher's exit code and summary
+    are its own; launch/README.md shows them."""
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    launchers = ("accelerate", "torchrun")
+    runs = launch_together(*(dict(config=config, output_dir=tmp_path / name, overrides=["train.batch_size=255"],
+                                  nproc=2, launcher=name) for name in launchers))
+    for name, run in zip(launchers, runs):
+        errors = [line for line in run.stderr.splitlines() if "dist-mtl:" in line]
+        assert errors == ["dist-mtl: error: train.batch_size: the global batch 255 must divide evenly by "
+                          "num_processes * grad_accum = 2 * 1 = 2"], f"{name}\n{run.stderr[-4000:]}"
+        # The launcher's summary: rank 0 exited 2 first (the root cause), then rank 1, which had waited
+        # for that, exited 2 too. The launcher's own exit code is 1.
+        root_cause = run.stderr.partition("Root Cause")[2]
+        assert run.returncode == 1 and "rank      : 0 (local_rank: 0)\n  exitcode  : 2 " in root_cause, \
+            f"{name}\n{run.stderr[-4000:]}"
+        assert run.stderr.count("exitcode  : 2") == 2, f"{name}\n{run.stderr[-4000:]}"
+        assert not re.search(r'File "[^"]*dist_mtl[/\\](\w+[/\\])?\w+\.py"', run.stderr), name  # no rank's traceback
+        assert not run.output_dir.exists(), name
