@@ -1,5 +1,5 @@
 """Final validation metrics of every weighting method on diamonds and on the synthetic
-conflicting-tasks config, trained with the same seed, steps and model: the README's table.
+conflicting-tasks config, trained with the same seed, steps and model: the table in docs/weighting.md.
 
     python benchmarks/weighting_table.py                 # all methods, both configs (~6 min on 2 CPU cores)
     python benchmarks/weighting_table.py --nproc 2       # the same under accelerate launch, 2 processes

@@ -157,7 +157,7 @@ class MTLConfig:
     backward: str = "sum"
     """Backward engine: how task losses become synchronised gradients."""
     weighting: str = "equal"
-    """Loss-level weighting method (see README, "Weighting the task losses")."""
+    """Loss-level weighting method (see docs/weighting.md)."""
     weighting_args: dict[str, Any] = field(default_factory=dict)
     """Arguments of the weighting method, e.g. ``{temperature: 2}`` for dwa; unknown keys are
     refused with the list of allowed ones."""

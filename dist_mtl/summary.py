@@ -14,7 +14,7 @@ from pathlib import Path
 
 # The metric that speaks for a task, in order of preference, with its direction. Accuracy for
 # classification and binary tasks; RMSE then MSE for regression (RMSE is in the target's units,
-# MSE is what the loss optimises and what the README's table quotes).
+# MSE is what the loss optimises and what docs/weighting.md's table quotes).
 HEADLINE: list[tuple[str, bool]] = [("accuracy", True), ("rmse", False), ("mse", False)]
 """(metric, higher_is_better) pairs, shown in this order when a task has them."""
 

@@ -40,7 +40,7 @@ from conftest import REPO, child_env, free_port
 pytestmark = pytest.mark.slow
 
 CASES = ("retain_find_unused", "retain_default", "no_sync_forward", "autograd_grad", "correct_manual")
-UPDATE = ("PyTorch changed this DDP behaviour: update the README section 'Separate backward passes under DDP' "
+UPDATE = ("PyTorch changed this DDP behaviour: update docs/engines.md (the naive-pattern table) "
           "and this file's docstring.")
 DIFFERS = 1e-3   # the ranks' local gradients differ by ~0.3 here; anything above this is "not synchronised"
 EXACT = 1e-6     # float32 round-off between two ways of summing the same gradients
