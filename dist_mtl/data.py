@@ -51,8 +51,12 @@ def task_directions(num_tasks: int, dim: int, conflict: float, rng: np.random.Ge
     c = 1.0 - conflict * T / (T - 1) if T > 1 else 1.0
     gram = (1.0 - c) * np.eye(T) + c * np.ones((T, T))
     eigval, eigvec = np.linalg.eigh(gram)
-    coords = eigvec * np.sqrt(np.clip(eigval, 0.0, None))  # rows: task vectors in R^T
-    basis, _ = np.linalg.qr(rng.standard_normal((dim, T)))  # dim x T, orthonormal columns
+    # LAPACK builds differ in the signs of eigenvectors and of QR factors (and, for this Gram
+    # matrix's repeated eigenvalue, in the basis of its eigenspace): the symmetric square root
+    # V sqrt(L) V^T and a sign-fixed QR make the data a function of the seed alone, on any machine.
+    coords = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T  # rows: task vectors in R^T
+    basis, r = np.linalg.qr(rng.standard_normal((dim, T)))  # dim x T, orthonormal columns
+    basis = basis * np.where(np.diag(r) < 0, -1.0, 1.0)  # the unique QR with a positive diagonal
     return coords @ basis.T
 
 
