@@ -46,6 +46,29 @@ def test_eval_shards_partition_the_validation_rows(world):
     assert torch.equal(torch.cat(shards).sort().values, torch.arange(101))
 
 
+def test_task_directions_do_not_depend_on_the_lapack_build(monkeypatch):
+    """LAPACK builds return eigenvectors and QR factors with other signs (and any basis of a
+    repeated eigenvalue's eigenspace): the synthetic data must still be a function of the seed."""
+    reference = task_directions(4, 10, 0.5, np.random.default_rng(7))
+    eigh, qr = np.linalg.eigh, np.linalg.qr
+    rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((3, 3)))[0]
+
+    def other_eigh(a):
+        values, vectors = eigh(a)
+        vectors = -vectors
+        vectors[:, :3] = vectors[:, :3] @ rotation  # the 3 equal eigenvalues: another basis of their space
+        return values, vectors
+
+    def other_qr(a):
+        q, r = qr(a)
+        flip = np.where(np.arange(q.shape[1]) % 2 == 0, -1.0, 1.0)
+        return q * flip, r * flip[:, None]
+
+    monkeypatch.setattr(np.linalg, "eigh", other_eigh)
+    monkeypatch.setattr(np.linalg, "qr", other_qr)
+    assert np.allclose(task_directions(4, 10, 0.5, np.random.default_rng(7)), reference, atol=1e-12)
+
+
 @pytest.mark.parametrize("tasks, conflict", [(2, 0.0), (2, 0.5), (2, 1.0), (4, 0.75), (4, 1.0), (3, 0.3)])
 def test_task_directions_have_the_promised_cosine(tasks, conflict):
     w = task_directions(tasks, 10, conflict, np.random.default_rng(0))
