@@ -5,6 +5,9 @@ single-process reference: ``sum`` for sum, per_task and jacobian (with the linea
 aggregator, jacobian is *mathematically* the sum objective), ``alternate`` on one process for
 alternate (it is a different algorithm), ``jacobian+mean`` on one process for jacobian+mean. Ranks
 must be bitwise identical, and each mode must all-reduce exactly its minimal number of bytes.
+
+The cells train with plain SGD (conftest.SGD), which shows a wrong gradient scale that AdamW would
+hide; two AdamW cells keep the default optimizer's path covered. All are held to FP32_RTOL.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import copy
 
 import pytest
 
-from conftest import (RTOL, TINY, assert_ranks_identical, launch, launch_missing, launch_together,
-                      max_relative_difference, write_config)
+from conftest import (FP32_RTOL, SGD, TINY, assert_params_close, assert_ranks_identical, launch, launch_missing,
+                      launch_together, max_relative_difference, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +53,13 @@ MINIMAL_BYTES = {  # gradient bytes all-reduced per optimizer step with all thre
 }
 
 
+ADAMW = "train.optimizer=adamw"
+"""An extra override that makes a cell train with AdamW (the default optimizer) instead of SGD."""
+
+
 class Runs:
-    """Launches each (data, mode, processes, grad_accum, extra) cell once, on demand."""
+    """Launches each (data, mode, processes, grad_accum, extra) cell once, on demand; with SGD
+    unless ``extra`` holds ADAMW."""
 
     def __init__(self, tmp) -> None:
         self.tmp, self.cache = tmp, {}
@@ -68,7 +76,9 @@ class Runs:
     def _launch_args(self, key: tuple) -> dict:
         data, mode, nproc, accum, extra = key
         name = "-".join([data, mode, f"p{nproc}", f"ga{accum}", *[e.replace("=", "_") for e in extra]])
-        overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *extra]
+        optimizer = [] if ADAMW in extra else SGD
+        overrides = [*MODES[mode], f"train.grad_accum={accum}", "log.comm_bytes=true", "log.every=1", *optimizer,
+                     *extra]
         launcher = "accelerate" if accum == 1 else "torchrun"  # both launchers, across the matrix
         return dict(config=self.configs[data], output_dir=self.tmp / name, overrides=overrides, nproc=nproc,
                     launcher=launcher)
@@ -79,9 +89,8 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory.mktemp("engines"))
 
 
-def assert_matches(run, reference, rtol=RTOL) -> None:
-    diff = max_relative_difference(run.output_dir / "final/model.safetensors", reference.output_dir / "final/model.safetensors")
-    assert diff <= rtol, f"relative parameter difference {diff:.2e} > {rtol:.0e}"
+def assert_matches(run, reference, rtol=FP32_RTOL) -> None:
+    assert_params_close(run, reference, rtol)
 
 
 CELLS = [("per_task", 1, 2), ("jacobian_sum", 1, 1), ("alternate", 1, 2),
@@ -89,6 +98,8 @@ CELLS = [("per_task", 1, 2), ("jacobian_sum", 1, 1), ("alternate", 1, 2),
          ("jacobian_mean", 2, 2)]
 
 
+# Measured with SGD: alternate 2.2e-7 (2 processes, grad_accum 2) and 1.1e-7, jacobian_mean 1.4e-7,
+# sum, per_task and jacobian_sum 3.0e-8 to 6.9e-8; tolerance FP32_RTOL.
 @pytest.mark.parametrize("mode, nproc, accum", CELLS)
 def test_shared_input_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
     run, reference = runs.get_many(("shared", mode, nproc, accum), ("shared", REFERENCE[mode]))
@@ -96,6 +107,16 @@ def test_shared_input_cell_matches_its_one_process_reference(runs, mode, nproc, 
     assert_matches(run, reference)
 
 
+# Measured with AdamW: 1.9e-7 for both; tolerance FP32_RTOL (the contract's RTOL would let a
+# summed-over-ranks gradient pass: 2.6e-6).
+@pytest.mark.parametrize("mode, nproc, accum", [("per_task", 2, 2), ("jacobian_sum", 2, 1)])
+def test_adamw_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
+    run, reference = runs.get_many(("shared", mode, nproc, accum, ADAMW), ("shared", REFERENCE[mode], 1, 1, ADAMW))
+    assert_ranks_identical(run, nproc)
+    assert_matches(run, reference)
+
+
+# Measured with SGD: per_task 1.2e-7, alternate 4.7e-8, sum and jacobian_sum 2.7e-8; tolerance FP32_RTOL.
 @pytest.mark.parametrize("mode, nproc, accum", [("sum", 2, 2), ("per_task", 2, 1), ("jacobian_sum", 2, 2),
                                                 ("alternate", 2, 1)])
 def test_per_task_dataset_cell_matches_its_one_process_reference(runs, mode, nproc, accum):
@@ -107,16 +128,18 @@ def test_per_task_dataset_cell_matches_its_one_process_reference(runs, mode, npr
 
 
 def test_the_references_really_differ(runs):
-    """Guard against a vacuous matrix: the algorithms that should differ do, by far more than RTOL.
-    (Not jacobian+mean: its shared gradient is sum's divided by T, and AdamW is nearly invariant to
-    that scale, so it lands within ~1e-5 of sum; with SGD it would not.)"""
-    shared_sum = runs.get("shared", "sum")
-    diff = max_relative_difference(shared_sum.output_dir / "final/model.safetensors",
-                                   runs.get("shared", "alternate").output_dir / "final/model.safetensors")
-    assert diff > 1000 * RTOL
-    diff = max_relative_difference(shared_sum.output_dir / "final/model.safetensors",
-                                   runs.get("multi", "sum").output_dir / "final/model.safetensors")
-    assert diff > 1000 * RTOL
+    """Guard against a vacuous matrix: the algorithms that should differ do, by far more than
+    FP32_RTOL. Measured against shared sum: alternate 5.3e-4 (with SGD at lr 0.01 the per-task
+    steps stay close to one summed step), multi-dataset sum 0.14, jacobian+mean 0.036, sum with
+    AdamW 0.41. jacobian+mean's shared gradient is sum's divided by T: SGD sees it (under AdamW it
+    landed within ~1e-5 of sum). And the SGD overrides really changed the optimizer."""
+    final = "final/model.safetensors"
+    shared_sum = runs.get("shared", "sum").output_dir / final
+    for other in (runs.get("shared", "alternate"), runs.get("multi", "sum"), runs.get("shared", "jacobian_mean"),
+                  runs.get("shared", "sum", 1, 1, ADAMW)):
+        diff = max_relative_difference(shared_sum, other.output_dir / final)
+        print(f"measured sum vs {other.output_dir.name}: {diff:.2e}")
+        assert diff > 100 * FP32_RTOL, other.output_dir.name
 
 
 @pytest.mark.parametrize("mode", ["sum", "per_task", "alternate", "jacobian_sum"])
@@ -134,12 +157,27 @@ def test_jacobian_local_sync_costs_the_bytes_of_sum_and_is_exact_for_linear_aggr
     assert {m["perf/comm_bytes"] for m in run.metrics() if "perf/comm_bytes" in m} == {MINIMAL_BYTES["sum"]}
 
 
+BF16_RTOL = 5e-4
+"""bf16 cells: matmuls run in bf16, so rounding differs with the batch split. Measured: 1.4e-4 (2
+processes, per_task, grad_accum 2, against 1-process sum; SGD)."""
+
+
 def test_bf16_cell(runs):
-    """bf16 autocast on 2 processes with per-task backward against 1-process bf16 sum. Matmuls run in
-    bf16, so rounding differs with the batch split: the tolerance is bf16's, not fp32's."""
-    run = runs.get("shared", "per_task", 2, 2, "train.mixed_precision=bf16")
+    """bf16 autocast on 2 processes with per-task backward against 1-process bf16 sum, within bf16's
+    tolerance; and bf16 really ran: run.json says so, and the 1-process bf16 run differs from the
+    fp32 one by far more than that tolerance (a run that silently trained in fp32 would pass the
+    first check with fp32's 7e-8)."""
+    bf16 = "train.mixed_precision=bf16"
+    run, reference, fp32 = runs.get_many(("shared", "per_task", 2, 2, bf16), ("shared", "sum", 1, 1, bf16),
+                                         ("shared", "sum"))
     assert_ranks_identical(run, 2)
-    assert_matches(run, runs.get("shared", "sum", 1, 1, "train.mixed_precision=bf16"), rtol=2e-2)
+    assert run.json("run.json")["mixed_precision"] == reference.json("run.json")["mixed_precision"] == "bf16"
+    assert fp32.json("run.json")["mixed_precision"] == "no"
+    assert_matches(run, reference, rtol=BF16_RTOL)
+    diff = max_relative_difference(reference.output_dir / "final/model.safetensors",
+                                   fp32.output_dir / "final/model.safetensors")
+    print(f"measured bf16 vs fp32 (1 process, SGD): {diff:.2e}")  # 8.4e-4; two fp32 runs: <= 2.2e-7
+    assert diff > 100 * FP32_RTOL, f"bf16 and fp32 differ by only {diff:.2e}: did autocast run?"
 
 
 def test_task_sampling_is_identical_on_every_rank_and_any_world_size(runs):

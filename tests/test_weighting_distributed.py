@@ -1,7 +1,8 @@
 """Every weighting method and the loss-threshold schedule on real gloo processes.
 
-- 2 processes with grad_accum 2 give the parameters AND the logged weights of 1 process (relative
-  1e-5), with bitwise identical ranks: nothing a method computes depends on the rank count.
+- 2 processes with grad_accum 2 give the parameters AND the logged weights of 1 process, with
+  bitwise identical ranks: nothing a method computes depends on the rank count. These runs train
+  with plain SGD (conftest.SGD), which shows a wrong gradient scale that AdamW would hide.
 - A run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted one, for every
   stateful method (learned weights, their optimizers and loss histories are checkpointed).
 - Learned weights work with every backward engine.
@@ -15,8 +16,8 @@ import copy
 
 import pytest
 
-from conftest import (RTOL, TINY, assert_ranks_identical, launch, launch_missing, launch_together,
-                      max_relative_difference, write_config)
+from conftest import (FP32_RTOL, SGD, TINY, assert_params_close, assert_ranks_identical, launch, launch_missing,
+                      launch_together, write_config)
 from dist_mtl.weighting import WEIGHTINGS
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ STATEFUL = ["dwa", "famo", "gradnorm", "learnable", "uncertainty"]
 
 
 def overrides(method: str, *extra: str) -> list[str]:
-    return [f"mtl.weighting={method}", *ARGS[method], "log.every=1", *extra]
+    return [f"mtl.weighting={method}", *ARGS[method], "log.every=1", *SGD, *extra]
 
 
 def weights_series(run) -> list[dict[str, float]]:
@@ -72,13 +73,19 @@ def runs(tmp_path_factory):
 
 
 def assert_matches(run, reference, label: str) -> None:
-    diff = max_relative_difference(run.output_dir / "final/model.safetensors",
-                                   reference.output_dir / "final/model.safetensors")
-    assert diff <= RTOL, f"{label}: relative parameter difference {diff:.2e}"
+    assert_params_close(run, reference, FP32_RTOL, label)
 
 
 def test_every_registered_method_is_covered():
     assert set(ARGS) == set(WEIGHTINGS)
+
+
+# Measured with SGD, parameters: static 3.3e-7, famo 1.9e-7, the others 1.2e-8 to 1.3e-7; tolerance
+# FP32_RTOL. Logged weights: famo 3.1e-6 (its logits move by differences of log-losses before and
+# after each update, nearly equal numbers whose rounding the subtraction magnifies), learnable
+# 1.9e-7, the others 0 to 3e-8.
+WEIGHT_RTOL = {"famo": 1e-5}
+"""The logged weights' tolerance where it is not FP32_RTOL."""
 
 
 @pytest.mark.parametrize("method", sorted(WEIGHTINGS))
@@ -88,8 +95,10 @@ def test_two_processes_give_the_parameters_and_weights_of_one(runs, method):
     assert_matches(two, one, method)
     series_one, series_two = weights_series(one), weights_series(two)
     assert len(series_one) == len(series_two) == TINY["train"]["max_steps"]
+    worst = max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(series_one, series_two) for k in a if a[k])
+    print(f"measured weights {method}: {worst:.2e}")
     for a, b in zip(series_one, series_two):
-        assert b == pytest.approx(a, rel=RTOL)
+        assert b == pytest.approx(a, rel=WEIGHT_RTOL.get(method, FP32_RTOL))
     if method not in ("equal", "static"):
         assert series_one[-1] != series_one[0], "the weights never moved: the test would prove nothing"
 
@@ -120,6 +129,8 @@ CELLS = {
 }
 
 
+# Measured with SGD: famo-alternate 2.8e-7, gradnorm (per_task, features) 1.3e-7, uncertainty-alternate
+# 1.1e-7, learnable-jacobian 6.7e-8, uncertainty-per_task 1.2e-8; tolerance FP32_RTOL.
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_weighting_works_with_every_backward_engine(runs, cell):
     """2 processes with the engine against 1 process: with ``sum`` as the reference where the engine
@@ -165,8 +176,8 @@ def test_threshold_switch_is_decided_on_the_global_loss(threshold_runs):
         phases = {r["step"]: r["phase"] for r in run.metrics() if "phase" in r and "loss/t0" in r}
         assert all(phases[s] == (0 if s <= event["step"] else -1) for s in phases)
     assert_ranks_identical(two, 2)
-    diff = max_relative_difference(two.output_dir / "final/model.safetensors", one.output_dir / "final/model.safetensors")
-    assert diff <= RTOL
+    # AdamW (the default): this test is about the decision, not the optimizer. Measured 1.1e-7.
+    assert_params_close(two, one, FP32_RTOL, "threshold")
 
 
 def test_threshold_schedule_resumes_in_the_right_phase(tmp_path, threshold_runs):
