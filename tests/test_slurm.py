@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, RTOL, TINY, child_env, launch, max_relative_difference, weights_equal, write_config
+from conftest import FP32_RTOL, REPO, SGD, TINY, assert_params_close, child_env, launch, weights_equal, write_config
 from dist_mtl.wandb_file import find_run_files, read_config, read_run_id
 from slurm_cluster import LocalSlurm, SlurmUnavailable
 
@@ -114,14 +114,14 @@ def test_single_node_batch_script_trains_with_two_processes(one_node):
 def test_two_node_batch_script_matches_one_process(cluster, tmp_path):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     run_dir = tmp_path / "run"
-    job = sbatch(cluster, "train_multinode.sbatch", run_dir, config, nodes=2, procs_per_node=1)  # CONFIG as argument
+    # CONFIG and overrides as arguments; SGD (see conftest.SGD) so a wrong gradient scale shows
+    job = sbatch(cluster, "train_multinode.sbatch", run_dir, config, *SGD, nodes=2, procs_per_node=1)
     assert_completed(cluster, job, run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["world_size"] == 2 and info["num_machines"] == 2
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [f"{job}-node0.out", f"{job}-node1.out"]
-    single = launch(config, tmp_path / "single").check()
-    assert max_relative_difference(run_dir / "final/model.safetensors",
-                                   single.output_dir / "final/model.safetensors") < RTOL
+    single = launch(config, tmp_path / "single", SGD).check()
+    assert_params_close(run_dir, single, FP32_RTOL, "two SLURM nodes")
     assert len(set(info["param_digests"])) == 1
 
 

@@ -109,6 +109,19 @@ MUTATIONS = [
              ("tests/test_weighting_distributed.py::test_two_processes_give_the_parameters_and_weights_of_one"
               "[gradnorm]",),
              "GradNorm balances this rank's gradient norms instead of the global gradient's"),
+    Mutation("rerun_ignores_the_config", "dist_mtl/rundir.py",
+             "        diff = config_diff(old, new)\n", "        diff = {}\n",
+             ("tests/test_rerun.py::test_another_config_in_the_same_directory_exits_2_naming_the_keys_and_touches_nothing",),
+             "a rerun with another config resumes the run in output_dir and relabels it"),
+    Mutation("torn_line_blocks_resume", "dist_mtl/tracking.py",
+             "                record = None\n", "                raise\n",
+             ("tests/test_rerun.py::test_a_torn_last_line_of_metrics_jsonl_is_dropped_with_a_warning",),
+             "a line of metrics.jsonl cut by a crash stops the resume with a JSONDecodeError"),
+    Mutation("finished_run_rerun_rewrites_its_record", "dist_mtl/rundir.py",
+             "    if step == cfg.train.max_steps and (run_dir / \"final\" / \"model.safetensors\").is_file():\n",
+             "    if False:\n",
+             ("tests/test_rerun.py::test_a_finished_run_rerun_on_any_world_size_trains_nothing_and_touches_nothing",),
+             "rerunning a finished run (on another world size) rewrites run.json as if it had trained"),
 ]
 
 
