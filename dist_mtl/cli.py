@@ -21,19 +21,23 @@ from .errors import RunFailed, UsageError
 EPILOG = """\
 examples:
   dist-mtl train configs/diamonds.yaml
-  dist-mtl train configs/diamonds.yaml train.max_steps=200 train.lr=3e-3 log.wandb=disabled
+  dist-mtl train configs/diamonds.yaml train.max_steps=200 train.lr=1e-2 output_dir=runs/short
   dist-mtl train configs/weighting/uncertainty.yaml      (one recipe per loss weighting method)
-  dist-mtl train configs/diamonds.yaml mtl.weighting=dwa mtl.weighting_args.temperature=2
+  dist-mtl train configs/diamonds.yaml mtl.weighting=dwa mtl.weighting_args.temperature=1 output_dir=runs/dwa1
   dist-mtl train configs/recipe_threshold.yaml           (train price until its loss < x, then all)
   dist-mtl validate configs/synthetic.yaml data.synthetic.conflict=0.8
   dist-mtl plot runs/diamonds                             (PNG charts in runs/diamonds/plots/)
   dist-mtl train configs/diamonds.yaml log.wandb=online log.group=sweep1 log.tags=[lr,wide]
   dist-mtl train configs/diamonds.yaml log.wandb_per_rank=true    (one W&B run per rank, grouped)
-  dist-mtl train configs/diamonds.yaml train.on_nonfinite=skip     (skip NaN/inf updates on every rank)
+  dist-mtl train configs/diamonds.yaml train.on_nonfinite=skip     (skip NaN/inf updates; may change on resume)
 
-several processes (CPU machines get gloo ranks; GPUs get NCCL):
-  accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m dist_mtl train configs/diamonds.yaml
-  torchrun --nproc_per_node 2 -m dist_mtl train configs/diamonds.yaml
+rerunning a command resumes its run in output_dir from the newest checkpoint; a finished run has
+  nothing to do; another config in the same output_dir exits 2 naming the keys (use output_dir=...)
+
+several processes (CPU machines get gloo ranks; GPUs get NCCL; give each run its own output_dir):
+  accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m dist_mtl train configs/diamonds.yaml output_dir=runs/d2
+  torchrun --nproc_per_node 2 -m dist_mtl train configs/diamonds.yaml output_dir=runs/d2t
+  sbatch slurm/train.sbatch configs/diamonds.yaml train.lr=1e-3      (SLURM; see docs/slurm.md)
   (`accelerate launch --cpu --num_processes N` starts ONE process; use launch/cpu.yaml instead)
 
 exit codes: 0 ok, 1 runtime failure (names the failed rank), 2 bad usage/config/data,

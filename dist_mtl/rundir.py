@@ -10,7 +10,8 @@ process group forms, every rank reads the same files and reaches the same decisi
 - the same run, already trained to ``train.max_steps`` with its final model written: say so and
   exit 0, touching nothing;
 - the same run with a checkpoint: resume from it (``train.resume=auto``). Keys that may change on a
-  resume are listed in :data:`RESUMABLE`;
+  resume are listed in :data:`RESUMABLE`. A checkpoint named by ``train.resume=<path>`` may come
+  from another config (a warning says which keys differ), but the directory's own run may not;
 - the same run, killed before its first checkpoint: start over.
 
 ``run.json`` keeps one entry per start or resume in ``attempts`` (:class:`RunRecord`); an attempt
@@ -202,9 +203,11 @@ def plan_start(cfg: Config, run_dir: Path) -> StartPlan:
                 raise ConfigError("train.resume", f"{resume_path} is damaged ({problem}); use train.resume=auto "
                                   "to take the newest readable checkpoint")
     new = to_dict(cfg)
-    old = None
-    if resume_path is not None:
-        old = read_config_dict(resume_path / CONFIG_FILE)
+    explicit = resume not in ("auto", "none")
+    # The directory's own record is protected in every case; the checkpoint's config too, unless the
+    # user named the checkpoint: continuing it under another config (a new schedule, a warm start
+    # into a new output_dir) is then a choice, recorded in the attempt's `changed`.
+    old = read_config_dict(resume_path / CONFIG_FILE) if resume_path is not None and not explicit else None
     if old is None:
         old = read_config_dict(run_dir / CONFIG_FILE)
     changed: dict[str, tuple[Any, Any]] = {}
@@ -214,6 +217,12 @@ def plan_start(cfg: Config, run_dir: Path) -> StartPlan:
             raise ConfigError("output_dir", f"{run_dir} holds a run with a different config ({describe(diff)}); "
                               f"to train this config use a new output_dir (e.g. output_dir={run_dir}-2), or delete "
                               f"{run_dir} to start over")
+    if explicit and resume_path is not None:
+        old = read_config_dict(resume_path / CONFIG_FILE) or old
+        if old is not None and config_diff(old, new):
+            warn(f"resuming {resume_path}, which was trained with another config "
+                 f"({describe(config_diff(old, new))}), as train.resume asks")
+    if old is not None:
         changed = {k: v for k, v in config_diff(old, new, ignore_resumable=False).items()
                    if k not in ("train.resume", "output_dir")}
     if resume_path is None:

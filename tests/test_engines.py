@@ -220,9 +220,12 @@ def test_alternate_leaves_unused_heads_untouched(tmp_path):
                                                   "mtl": {"backward": "alternate",
                                                           "schedule": [{"until_step": 20, "tasks": ["t0"]}]}})
     start = launch(config, tmp_path / "start", ["train.max_steps=1", "mtl.schedule=[]"]).check()
-    # step 1 trained every task; now continue from it with only t0 for steps 1..19
-    run = launch(config, tmp_path / "start", ["train.max_steps=20"]).check()
+    # step 1 trained every task; now continue from it with only t0 for steps 1..19 (another config:
+    # its own output_dir, the checkpoint named explicitly)
+    run = launch(config, tmp_path / "alt", ["train.max_steps=20",
+                                             f"train.resume={start.output_dir / 'checkpoints/step_1'}"]).check()
     assert run.json("run.json")["start_step"] == 1
+    assert "which was trained with another config (mtl.schedule:" in run.stderr
     before = load_file(str(start.output_dir / "checkpoints/step_1/model.safetensors"))
     after = load_file(str(run.output_dir / "final/model.safetensors"))
     for name in before:

@@ -82,7 +82,7 @@ def test_two_processes_one_wandb_run_whose_losses_are_the_mean_of_the_ranks(tmp_
             ranks.append({t.name: t.loss(outputs[t.name], targets[t.name]).item() for t in data.tasks})
         for task in ("t0", "t1", "t2"):
             low, high = sorted(r[task] for r in ranks)
-            assert high > 1.01 * low, (line["step"], task, low, high)  # 1000x the tolerance: the check can fail
+            assert high > 1.001 * low, (line["step"], task, low, high)  # 100x the tolerance: the check can fail
             assert line[f"loss/{task}"] == pytest.approx((low + high) / 2, rel=1e-5)
             assert line[f"loss_rank_min/{task}"] == pytest.approx(low, rel=1e-5)
             assert line[f"loss_rank_max/{task}"] == pytest.approx(high, rel=1e-5)

@@ -77,10 +77,12 @@ def finished(state: dict) -> bool:
     return state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def job_output(run_dir) -> str:
+def job_output(run_dir, tail: int | None = 4000) -> str:
+    """The batch and node logs of a job (each cut to its last ``tail`` characters for an error message;
+    ``None``: whole, for assertions on what a log says)."""
     logs = sorted((run_dir / "logs").glob("*.out")) if (run_dir / "logs").exists() else []
     batch = sorted(run_dir.parent.glob(f"{run_dir.name}-slurm-*.out"))
-    return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in [*batch, *logs])
+    return "\n".join(f"== {p.name}\n{p.read_text()[-tail if tail else 0:]}" for p in [*batch, *logs])
 
 
 def assert_completed(cluster: LocalSlurm, job: str, run_dir) -> None:
@@ -150,7 +152,7 @@ def test_preempted_job_checkpoints_requeues_itself_and_finishes_bitwise_equal(cl
     cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")
     assert_completed(cluster, job, run_dir)
 
-    log = job_output(run_dir)
+    log = job_output(run_dir, tail=None)
     assert f"SIGUSR1 received: stopped after step {stopped_at} and checkpointed it; job {job} requeued" in log
     info = json.loads((run_dir / "run.json").read_text())
     assert info["start_step"] == stopped_at and info["resumed_from"].endswith(f"step_{stopped_at}")
@@ -204,7 +206,7 @@ def test_unusable_arguments_fail_the_job_before_it_trains(cluster, tmp_path):
     for name, job in jobs.items():
         state = cluster.wait(job, finished, timeout=120)
         run_dir = tmp_path / name
-        log = job_output(run_dir)
+        log = job_output(run_dir, tail=None)
         errors = [line for line in log.splitlines() if line.startswith("dist-mtl: error:")]
         assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", f"{name}: {state['JobState']}\n{log}"
         assert len(errors) == 1 and errors[0].startswith(f"dist-mtl: error: {cases[name][3]}"), f"{name}\n{log}"
@@ -220,7 +222,7 @@ def test_preemption_in_a_job_without_scontrol_checkpoints_and_says_resubmit(clus
     job = sbatch(cluster, "train_multinode.sbatch", run_dir, config, "train.signal_check_every=5", nodes=2,
                  env={"PATH": path_without(tmp_path, "scontrol"), "DIST_MTL_FAULT": "usr1@5"})
     state = cluster.wait(job, finished, timeout=300)
-    log = job_output(run_dir)
+    log = job_output(run_dir, tail=None)
     assert state.get("Restarts") == "0" and state["ExitCode"] != "0:0", f"{state['JobState']}\n{log}"
     assert "head n1 (no scontrol: the address srun reports)" in log
     nodes = [(run_dir / f"logs/{job}-node{node}.out").read_text() for node in (0, 1)]

@@ -142,7 +142,7 @@ def test_weighting_works_with_every_backward_engine(runs, cell):
 
 
 # Small, noisy batches: each rank's 4-sample loss scatters widely around the global one.
-THRESHOLD = 0.3
+THRESHOLD = 0.65  # switches at step 10, where rank 0 reads 0.40 and rank 1 0.89 (global 0.6445)
 NOISY = copy.deepcopy(TINY)
 NOISY["data"]["synthetic"]["noise"] = 0.5
 NOISY["train"].update(batch_size=8, max_steps=40)
