@@ -196,6 +196,8 @@ def mix(weights: Tensor, outputs: Tensor) -> Tensor:
 
 
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks must be a list of task names, got the string {tasks!r}")
     tasks = list(tasks)
     if not tasks:
         raise ValueError("tasks must name at least one task")

@@ -323,6 +323,7 @@ def test_cgc_without_task_experts_is_an_mmoe_over_the_shared_experts():
     ({"num_experts": 0}, "num_experts"),
     ({"tasks": []}, "at least one task"),
     ({"tasks": ["a", "a"]}, "unique"),
+    ({"tasks": "ab"}, "list of task names"),
     ({"tasks": ["a.b"]}, "without '.'"),
     ({"gate_dim": 0}, "gate_dim"),
     ({"expert": 3}, "nn.Module or a zero-argument callable"),
