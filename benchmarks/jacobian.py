@@ -76,7 +76,7 @@ class Variant:
         # LibMTL style: autograd.grad per task on the shared parameters, aggregate, heads by backward.
         (x, targets), = batch
         outputs = self.model(x)
-        losses = [t.loss(outputs[t.name], targets[t.name]) for t in self.tasks]
+        losses = [t.mean_loss(outputs[t.name], targets[t.name]) for t in self.tasks]
         shared = list(self.model.encoder.parameters())
         rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                 for loss in losses]

@@ -137,7 +137,7 @@ class HandWritten:
         s = self.s
         ((x, targets),) = s.batch(i)
         outputs = s.model(x)
-        losses = [t.loss(outputs[t.name], targets[t.name]) for t in s.data.tasks]
+        losses = [t.mean_loss(outputs[t.name], targets[t.name]) for t in s.data.tasks]
         if self.per_task:
             for k, loss in enumerate(losses):
                 loss.backward(retain_graph=k < len(losses) - 1)

@@ -51,8 +51,9 @@ class SyntheticConfig:
 class DataConfig:
     """Where the rows come from and how they are prepared."""
 
-    source: Literal["parquet", "csv", "json", "hub", "synthetic"] = "synthetic"
-    """Loader: a local file or directory (parquet/csv/json), a HF hub dataset name, or the generator."""
+    source: Literal["parquet", "csv", "json", "hub", "synthetic", "python"] = "synthetic"
+    """Loader: a local file or directory (parquet/csv/json), a HF hub dataset name, the generator, or
+    ``python``: map-style datasets built from ``train`` and ``val`` (or passed to ``dist_mtl.fit``)."""
     path: str | None = None
     """File or directory for local sources (relative to the config file that names it, or to the
     working directory for command-line overrides); the dataset name for ``hub``."""
@@ -73,6 +74,15 @@ class DataConfig:
     """Standardise features with the training split's mean and standard deviation."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Generator knobs, used when ``source`` is ``synthetic``."""
+    train: Any = None
+    """``source: python``: the training dataset, ``{class_path: pkg.module.Name, init_args: {...}}``
+    of a map-style dataset whose items are dicts: ``"inputs"`` (a tensor or a dict of tensors) plus
+    one key per task target."""
+    val: Any = None
+    """``source: python``: the validation dataset, as ``train``. Without it nothing is evaluated."""
+    collate: str | None = None
+    """``source: python``: a dotted path to the function that makes a batch (a dict) from a list of
+    items. Default: ``torch.utils.data.default_collate``."""
 
 
 @dataclass
@@ -81,13 +91,23 @@ class TaskConfig:
 
     name: str
     """Unique task name (letters, digits, underscores); used in metric keys and head names."""
-    kind: TaskKind = "regression"
+    kind: TaskKind | None = "regression"
     """``regression`` (one output), ``classification`` (classes read from the data, or
-    ``num_classes``) or ``binary``."""
+    ``num_classes``) or ``binary``; null for a custom task of a ``python`` source (its loss then
+    gives the metrics: none but the loss, unless ``metrics`` names some)."""
     target: str | None = None
-    """Target column. Default: the task name."""
-    loss: str | None = None
-    """Loss name from the kind's registry. Default: mse / ce / bce."""
+    """Target column (or, for ``source: python``, the key of the target in a dataset item).
+    Default: the task name."""
+    loss: Any = None
+    """A loss name (mse, l1, huber, smooth_l1, ce, bce, multilabel_bce; a built-in kind allows its
+    own), a dotted path to a function ``(output, target) -> per-element losses``, or
+    ``{class_path, init_args}`` of a module doing that. Default: mse / ce / bce."""
+    metrics: list[Any] | None = None
+    """Metric names (mse, rmse, mae, accuracy) or dotted paths to functions ``(output, target) ->
+    per-element values``, reported as means over the labelled elements. Default: the kind's."""
+    mask: str | None = None
+    """``source: python``: the key of a boolean mask in a dataset item; False elements are
+    unlabelled, as NaN (float) or -100 (integer) targets are."""
     weight: float = 1.0
     """Static loss weight, used by ``mtl.weighting: static``."""
     transform: Literal["none", "log", "log1p"] = "none"
@@ -108,8 +128,16 @@ class TaskConfig:
 class ModelConfig:
     """Shared encoder plus one head per task."""
 
-    encoder: str = "mlp"
-    """Encoder name from the encoder registry."""
+    encoder: Any = "mlp"
+    """A registered encoder (``mlp``, ``mmoe``, ``cgc``), a dotted path to an nn.Module class, or
+    ``{class_path, init_args}``. ``mlp`` is built from the fields below; the others from their
+    ``init_args`` (``tasks`` is passed when the class takes it)."""
+    heads: dict[str, Any] = field(default_factory=dict)
+    """Per task, ``{class_path, init_args}`` (or a dotted path) of its head, replacing the default
+    MLP head (which needs the encoder's ``out_dim``)."""
+    sync_batchnorm: bool = False
+    """Convert every BatchNorm to SyncBatchNorm, so batch statistics are those of the global
+    micro-batch: N processes then match 1 with ``grad_accum: 1`` (see docs)."""
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     """Hidden layer widths of the encoder; the last one is the representation size."""
     activation: str = "relu"
@@ -253,6 +281,10 @@ class TrainConfig:
     checkpoint_required: bool = False
     """Whether a checkpoint that cannot be written (disk full, quota, I/O error) stops the run
     (exit 1). By default the run says so, keeps the previous checkpoints and trains on."""
+    find_unused_parameters: bool = False
+    """DDP's ``find_unused_parameters``: needed when a model has parameters that the forward does
+    not always use (an unused pooler, a conditional branch) and ``mtl.backward: sum`` reduces
+    through DDP. The other engines reduce by hand and do not need it."""
     collective_timeout_s: int = 600
     """Seconds a collective may wait for the other ranks before the process fails (a rank that
     hangs, a lost node). A rank that dies or raises is noticed at once on one machine: the launcher
@@ -357,6 +389,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1 and typing.get_origin(choices[0]) is Literal:  # an optional choice: list the choices
+            return _convert(value, choices[0], key)
         nested = None
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -585,8 +620,8 @@ def read_config_file(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
     return _merge(read_config_file(parent_path, (*chain, path)), data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
-    """Load a YAML config, apply dotted overrides, and validate it.
+def load_config(path: str | Path | dict | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Load a YAML config (or take a dict of the same shape), apply dotted overrides, and validate it.
 
     A file may start from another with ``extends: <file>`` (mappings merge, lists are replaced).
     Relative data paths in a file are relative to that file; those given as overrides are
@@ -594,7 +629,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     is used to check that the global batch divides evenly.
     """
     try:
-        data = read_config_file(path) if path is not None else {}
+        if isinstance(path, dict):
+            import copy
+
+            data = copy.deepcopy(path)
+        else:
+            data = read_config_file(path) if path is not None else {}
         for override in overrides:
             apply_override(data, override)
         _resolve_paths(data, Path.cwd())
@@ -642,7 +682,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .aggregation import AGGREGATORS, GRAMIAN_AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODERS
-    from .tasks import LOSSES
+    from .tasks import DERIVED, KIND_LOSSES, LOSSES, METRICS
+
+    METRICS_AND_DERIVED = {**METRICS, **DERIVED}
     from .weighting import WEIGHTINGS, build_weighting
 
     _require(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got {cfg.seed}")
@@ -650,7 +692,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.tasks and cfg.data.source == "synthetic":
         cfg.tasks = [TaskConfig(name=f"t{i}", kind="regression", target=f"t{i}")
                      for i in range(cfg.data.synthetic.num_tasks)]
-    _require(bool(cfg.tasks), "tasks", "at least one task is required (a list of {name, kind, target})")
+    # A python source may leave the tasks to dist_mtl.fit: what refers to them is checked then.
+    pending = not cfg.tasks and cfg.data.source == "python"
+    _require(bool(cfg.tasks) or pending, "tasks", "at least one task is required (a list of {name, kind, target})")
     seen: set[str] = set()
     for i, task in enumerate(cfg.tasks):
         key = f"tasks[{i}]"
@@ -660,9 +704,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         seen.add(task.name)
         if task.target is None:
             task.target = task.name
+        source = (task.data or cfg.data).source
+        _require(task.kind is not None or source == "python", f"{key}.kind",
+                 "is required (regression, classification or binary) for a task read from a table")
         if task.loss is None:
-            task.loss = next(iter(LOSSES[task.kind]))
-        _check_name(task.loss, LOSSES[task.kind], f"{key}.loss")
+            _require(task.kind is not None, f"{key}.loss", "a task without a kind needs a loss (a name, a dotted path "
+                     "or {class_path, init_args})")
+            task.loss = KIND_LOSSES[task.kind][0]
+        if source == "python":
+            _check_plugin(task.loss, LOSSES, f"{key}.loss", call=False)
+            for j, metric in enumerate(task.metrics or []):
+                _check_plugin(metric, METRICS_AND_DERIVED, f"{key}.metrics[{j}]", call=False)
+        else:
+            _require(isinstance(task.loss, str), f"{key}.loss", "a task read from a table takes a loss name")
+            _check_name(task.loss, {name: None for name in KIND_LOSSES[task.kind]}, f"{key}.loss")
+            _require(task.metrics is None and task.mask is None, f"{key}.metrics" if task.metrics is not None
+                     else f"{key}.mask", "applies to data.source: python only")
         _require(task.transform == "none" or task.kind == "regression", f"{key}.transform",
                  "a target transform applies to regression tasks only")
         _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
@@ -680,7 +737,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                      f"{_name_range('t', d.synthetic.num_tasks)}")
 
     m = cfg.model
-    _check_name(m.encoder, ENCODERS, "model.encoder")
+    if isinstance(m.encoder, str) and "." not in m.encoder and not m.encoder.startswith("<python> "):
+        _check_name(m.encoder, ENCODERS, "model.encoder")
+    else:
+        _check_plugin(m.encoder, ENCODERS, "model.encoder")
+    for name, head in m.heads.items():
+        if not pending:
+            _check_name(name, {t: None for t in seen}, f"model.heads.{name}")
+        _check_plugin(head, {}, f"model.heads.{name}")
     _check_name(m.activation, ACTIVATIONS, "model.activation")
     _require(bool(m.hidden) and all(h > 0 for h in m.hidden), "model.hidden",
              f"must be a non-empty list of positive widths, got {m.hidden}")
@@ -691,9 +755,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_name(mtl.backward, BACKWARDS, "mtl.backward")
     _check_name(mtl.weighting, WEIGHTINGS, "mtl.weighting")
     for name, w in mtl.weights.items():
-        _check_name(name, {t: None for t in seen}, f"mtl.weights.{name}")
+        if not pending:
+            _check_name(name, {t: None for t in seen}, f"mtl.weights.{name}")
         _require(w >= 0, f"mtl.weights.{name}", f"must be >= 0, got {w}")
-    _require(1 <= mtl.tasks_per_step <= len(cfg.tasks), "mtl.tasks_per_step",
+    _require(1 <= mtl.tasks_per_step <= (len(cfg.tasks) if not pending else mtl.tasks_per_step), "mtl.tasks_per_step",
              f"must be between 1 and the number of tasks ({len(cfg.tasks)}), got {mtl.tasks_per_step}")
     _require(mtl.sampling_alpha >= 0, "mtl.sampling_alpha", f"must be >= 0, got {mtl.sampling_alpha}")
     for name in ("weighting_args", "aggregator_args"):  # free-form: their numbers are not checked by type
@@ -717,11 +782,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             _require(bool(phase.tasks), f"{key}.tasks", "must name at least one task (omit it for all tasks)")
             _require(len(set(phase.tasks)) == len(phase.tasks), f"{key}.tasks", f"lists a task twice: {phase.tasks}")
             for name in phase.tasks:
-                _check_name(name, {t: None for t in seen}, f"{key}.tasks")
+                if not pending:
+                    _check_name(name, {t: None for t in seen}, f"{key}.tasks")
         if phase.until_loss is not None:
             _require(bool(phase.until_loss), f"{key}.until_loss", "must map at least one task to a loss threshold")
             trained = phase.tasks or [t.name for t in cfg.tasks]
             for name, threshold in phase.until_loss.items():
+                if pending:
+                    continue
                 _check_name(name, {t: None for t in seen}, f"{key}.until_loss.{name}")
                 _require(name in trained, f"{key}.until_loss.{name}",
                          f"task {name!r} does not train in this phase (tasks: {trained}); its loss is not measured")
@@ -740,7 +808,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(mtl.aggregator != "none", "mtl.aggregator",
                  f"backward 'jacobian' needs an aggregator; allowed: {', '.join(sorted(AGGREGATORS))}")
         _check_name(mtl.aggregator, AGGREGATORS, "mtl.aggregator")
-        if mtl.aggregator in _ALL_TASKS_AGGREGATORS:  # its solver's problem is built for T tasks, once
+        if mtl.aggregator in _ALL_TASKS_AGGREGATORS and not pending:  # its solver's problem is built for T tasks
             partial = (["mtl.tasks_per_step"] if mtl.task_sampling == "sample" and mtl.tasks_per_step < len(cfg.tasks)
                        else []) + [f"mtl.schedule[{i}].tasks" for i, p in enumerate(mtl.schedule)
                                    if (p.backward or mtl.backward) == "jacobian" and p.tasks is not None
@@ -754,7 +822,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             _require(mtl.jacobian_sync == "global", "mtl.jacobian_sync",
                      "jacobian_wrt: features always reduces the (tiny) Gramian globally; use global")
         try:  # builds it once: a missing optional package or a bad argument fails here, not mid-run
-            make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, len(cfg.tasks))
+            make_torchjd_aggregator(mtl.aggregator, mtl.aggregator_args, max(len(cfg.tasks), 2))
         except AggregatorUnavailable as e:
             raise ConfigError("mtl.aggregator", str(e)) from None
         except ConfigError:  # the adapter's own keys (vanished_rtol) name themselves
@@ -784,7 +852,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
              f"must be two numbers in [0, 1), got {t.betas}")
     for name, lr in t.task_lr.items():
-        _check_name(name, {n: None for n in seen}, f"train.task_lr.{name}")
+        if not pending:
+            _check_name(name, {n: None for n in seen}, f"train.task_lr.{name}")
         _require(lr > 0, f"train.task_lr.{name}", f"must be > 0, got {lr}")
     shards = world_size * t.grad_accum
     _require(t.batch_size % shards == 0, "train.batch_size",
@@ -802,7 +871,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"must be in [0, 1), got {cfg.log.vanishing_loss_fraction}")
     _require(cfg.log.run_id is None or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.log.run_id) is not None,
              "log.run_id", f"must be 1-64 letters, digits, '-' or '_', got {cfg.log.run_id!r}")
-    for name, args, key in weightings:  # built once: a bad argument exits 2 here rather than mid-run
+    for name, args, key in weightings if not pending else []:  # built once: a bad argument exits 2 here
         build_weighting(cfg, name, args, key=key)
     _require(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir",
              f"must be a non-empty path without NUL characters, got {cfg.output_dir!r}")
@@ -810,6 +879,48 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 _ALL_TASKS_AGGREGATORS = ("nashmtl",)
 """Aggregators that fail on fewer rows than the number of tasks they were built for."""
+
+
+def _check_plugin(spec: Any, registry: dict, key: str, call: bool = True) -> None:
+    """A short name, dotted path or ``{class_path, init_args}`` that resolves: the path imports and
+    the arguments fit the signature (without building anything: that happens at run time)."""
+    from .plugins import import_path, is_spec
+
+    if isinstance(spec, str) and spec.startswith("<python> "):  # an object given in code (fit), recorded
+        return
+    if is_spec(spec):
+        target = import_path(spec["class_path"], f"{key}.class_path", registry)
+        args = spec.get("init_args") or {}
+        _require(isinstance(args, dict), f"{key}.init_args", f"must be a mapping, got {args!r}")
+        _check_arguments(target, args, key)
+        for name, value in args.items():
+            if is_spec(value):
+                _check_plugin(value, registry, f"{key}.init_args.{name}")
+    elif isinstance(spec, str):
+        import_path(spec, key, registry)
+    elif isinstance(spec, dict):
+        raise ConfigError(key, "a mapping here needs class_path (and optionally init_args), "
+                          f"got keys {sorted(map(str, spec))}")
+    else:
+        raise ConfigError(key, f"expected a name, a dotted path or {{class_path, init_args}}, got {spec!r}")
+
+
+def _check_arguments(target: Any, args: dict, key: str) -> None:
+    import inspect
+
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for arg in args:
+        if arg not in params:
+            close = difflib.get_close_matches(str(arg), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}.init_args.{arg}", f"{getattr(target, '__qualname__', target)} takes no argument "
+                              f"{arg!r}{hint}; its arguments: {', '.join(allowed) or 'none'}")
 
 
 def _validate_data(d: DataConfig, key: str) -> None:
@@ -835,6 +946,15 @@ def _validate_data(d: DataConfig, key: str) -> None:
                      f"column {name!r} is not in the synthetic data; inputs: {_name_range('x', s.input_dim)}, "
                      f"targets: {_name_range('t', s.num_tasks)}")
         return
+    if d.source == "python":
+        for name in ("train", "val"):
+            if getattr(d, name) is not None:
+                _check_plugin(getattr(d, name), {}, f"{key}.{name}")
+        if d.collate is not None:
+            _check_plugin(d.collate, {}, f"{key}.collate")
+        return
+    for name in ("train", "val", "collate"):
+        _require(getattr(d, name) is None, f"{key}.{name}", f"applies to source: python only (source is {d.source!r})")
     _require(bool(d.path), f"{key}.path", f"is required for source {d.source!r}")
     _require("\0" not in d.path, f"{key}.path", f"contains a NUL character: {d.path!r}")
     if d.source != "hub":

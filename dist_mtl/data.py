@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .config import Config, DataConfig, SyntheticConfig, TaskConfig
 from .errors import DataError
-from .tasks import Task, target_dtype
+from .tasks import IGNORE_INDEX, Task, target_dtype
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -112,13 +112,19 @@ def _one_line(e: BaseException) -> str:
 
 @dataclass
 class TensorData:
-    """One split as tensors: features ``x`` (N, D) and one target tensor per task."""
+    """One split as tensors: features ``x`` (N, D) and one target tensor per task (NaN or -100 where
+    a label is missing). A data source: ``batch(indices) -> (inputs, {task: target})``."""
 
     x: Tensor
     targets: dict[str, Tensor]
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def complete_tasks(self) -> list[str]:
+        """The tasks with a label on every row (one per row: their counts need no collective)."""
+        return [name for name, y in self.targets.items() if y.dim() == 1 and bool(Task.labelled(y).all())]
 
     def batch(self, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return self.x[indices], {name: y[indices] for name, y in self.targets.items()}
@@ -151,7 +157,15 @@ class MultiTaskData:
 
     @property
     def input_dim(self) -> int:
-        return self.groups[0].train.x.shape[1]
+        """The width of the first dataset's inputs (tabular data, or tensor inputs of a dataset)."""
+        train = self.groups[0].train
+        if isinstance(train, TensorData):
+            return train.x.shape[1]
+        inputs = train.batch(torch.arange(1))[0]
+        if not isinstance(inputs, Tensor):
+            raise DataError("model.encoder: mlp needs tensor inputs (B, D); this dataset's inputs are a "
+                            f"{type(inputs).__name__}: give an encoder (model.encoder class_path, or fit(model=...))")
+        return inputs.shape[-1]
 
     @property
     def baselines(self) -> dict[str, dict[str, float]]:
@@ -195,7 +209,7 @@ def prepare_group(d: DataConfig, indexed_tasks: list[tuple[int, TaskConfig]], se
     used = list(dict.fromkeys(features + targets))
     ds = ds.select_columns(used)
     loaded = ds.num_rows
-    ds = _drop_or_reject_missing(ds, used, d, key)
+    ds = _drop_or_reject_missing(ds, used, d, key, targets=set(targets) - set(features))
     if ds.num_rows < 2:
         if ds.num_rows < loaded:
             raise DataError(f"{key}.dropna: dropping the rows with missing, NaN or infinite values leaves "
@@ -259,7 +273,10 @@ def _is_numeric(feature) -> bool:
     return dtype.startswith(("int", "uint", "float")) or dtype == "bool"
 
 
-def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str):
+def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str, targets: set[str] = frozenset()):
+    """Missing, NaN or infinite feature values: an error naming the column, or with ``dropna`` the row
+    dropped. A missing target (null or NaN) is a missing label, kept (the task's loss skips it, the
+    row still trains the other tasks); an infinite target is an error, or dropped with ``dropna``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -273,12 +290,18 @@ def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str):
             missing += pc.sum(pc.is_nan(column)).as_py() or 0
             infinite = pc.sum(pc.is_inf(column)).as_py() or 0
             usable = pc.and_kleene(usable, pc.is_finite(column))
+        if name in targets:  # a missing label is not a bad row; only an infinite one is
+            missing = 0
+            usable = pc.invert(pc.is_inf(column)) if pa.types.is_floating(column.type) else None
+            if usable is not None:
+                usable = pc.fill_null(usable, True)
         if (missing or infinite) and not d.dropna:
             what = " and ".join(text for count, text in [(missing, f"{missing} missing or NaN"),
                                                          (infinite, f"{infinite} infinite (inf or -inf)")] if count)
             raise DataError(f"{key}: column {name!r} has {what} values; "
                             f"clean the data or set {key}.dropna=true to drop those rows")
-        keep = usable if keep is None else pc.and_kleene(keep, usable)
+        if usable is not None:
+            keep = usable if keep is None else pc.and_kleene(keep, usable)
     if d.dropna and keep is not None:
         rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
         if len(rows) < ds.num_rows:
@@ -286,53 +309,71 @@ def _drop_or_reject_missing(ds, columns: list[str], d: DataConfig, key: str):
     return ds
 
 
+def _floats(v: np.ndarray) -> np.ndarray:
+    """A column as float64 with NaN for missing labels (None in an object column)."""
+    if v.dtype == object:
+        return np.array([np.nan if item is None else item for item in v.tolist()], dtype=np.float64)
+    return v.astype(np.float64)
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def _task_encoding(task_cfg: TaskConfig, ds, train):
-    """The run-time Task, a numpy encoder for its target column, and the info to undo it."""
+    """The run-time Task, a numpy encoder for its target column, and the info to undo it. A missing
+    label (null or NaN) becomes NaN (regression, binary) or -100 (classification)."""
     col = task_cfg.target
+    task = Task(task_cfg.name, loss=task_cfg.loss, target=task_cfg.name, kind=task_cfg.kind, weight=task_cfg.weight)
     if task_cfg.kind == "regression":
-        values = _columns(train, [col])[col].astype(np.float64)
         if not _is_numeric(ds.features[col]):
             raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} is not numeric; a regression target must be")
+        values = _floats(_columns(train, [col])[col])
+        if np.isnan(values).all():
+            raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has no labelled row in the training split")
         forward = {"none": lambda v: v, "log": np.log, "log1p": np.log1p}[task_cfg.transform]
         if task_cfg.transform != "none":
-            smallest = float(np.min(_columns(ds, [col])[col]))
+            smallest = float(np.nanmin(_floats(_columns(ds, [col])[col])))
             if smallest <= (0 if task_cfg.transform == "log" else -1):
                 raise DataError(f"tasks.{task_cfg.name}.transform: {task_cfg.transform} needs "
                                 f"{'positive' if task_cfg.transform == 'log' else '> -1'} values; "
                                 f"column {col!r} has {smallest}")
         transformed = forward(values)
-        mu = float(transformed.mean()) if task_cfg.standardize else 0.0
-        sd = float(transformed.std()) or 1.0 if task_cfg.standardize else 1.0
+        mu = float(np.nanmean(transformed)) if task_cfg.standardize else 0.0
+        sd = float(np.nanstd(transformed)) or 1.0 if task_cfg.standardize else 1.0
 
         def encode(v: np.ndarray) -> np.ndarray:
-            return ((forward(v.astype(np.float64)) - mu) / sd).astype(np.float32)
+            return ((forward(_floats(v)) - mu) / sd).astype(np.float32)
 
         info = {"kind": "regression", "transform": task_cfg.transform, "mean": mu, "std": sd}
-        return Task(task_cfg.name, "regression", task_cfg.loss), encode, info
+        return task, encode, info
 
     if task_cfg.kind == "classification" and task_cfg.num_classes is not None:
-        return _indexed_classes(task_cfg, ds)
-    classes = sorted(ds.unique(col), key=lambda v: (str(type(v)), v))
+        return _indexed_classes(task_cfg, ds, task)
+    classes = sorted((v for v in ds.unique(col) if not _is_missing(v)), key=lambda v: (str(type(v)), v))
     if task_cfg.kind == "binary" and len(classes) != 2:
         raise DataError(f"tasks.{task_cfg.name}.target: a binary target needs exactly 2 distinct values; "
                         f"column {col!r} has {len(classes)}: {classes[:10]}")
     if task_cfg.kind == "classification" and len(classes) < 2:
         raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has {len(classes)} class(es); at least 2 are needed")
     lookup = {value: i for i, value in enumerate(classes)}
-    dtype = np.int64 if task_cfg.kind == "classification" else np.float32
+    classification = task_cfg.kind == "classification"
+    missing = IGNORE_INDEX if classification else np.nan
+    dtype = np.int64 if classification else np.float32
 
     def encode(v: np.ndarray) -> np.ndarray:
-        return np.fromiter((lookup[item] for item in v.tolist()), dtype=dtype, count=len(v))
+        return np.fromiter((missing if _is_missing(item) else lookup[item] for item in v.tolist()), dtype=dtype,
+                           count=len(v))
 
     info = {"kind": task_cfg.kind, "classes": [c if isinstance(c, (int, float, str, bool)) else str(c) for c in classes]}
-    task = Task(task_cfg.name, task_cfg.kind, task_cfg.loss, num_classes=len(classes) if task_cfg.kind == "classification" else 0)
+    task.num_classes = len(classes) if classification else 0
     return task, encode, info
 
 
-def _indexed_classes(task_cfg: TaskConfig, ds):
+def _indexed_classes(task_cfg: TaskConfig, ds, task: Task):
     """A classification target whose labels are the class indices ``0 .. num_classes-1``."""
     col, count = task_cfg.target, task_cfg.num_classes
-    values = ds.unique(col)
+    values = [v for v in ds.unique(col) if not _is_missing(v)]
     not_integers = [v for v in values if not _is_integer(v)]
     if not_integers:
         raise DataError(f"tasks.{task_cfg.name}.target: column {col!r} has labels that are not integers "
@@ -343,10 +384,12 @@ def _indexed_classes(task_cfg: TaskConfig, ds):
                         f"(num_classes: {count}): {_some(outside)}")
 
     def encode(v: np.ndarray) -> np.ndarray:
-        return np.asarray(v).astype(np.int64)
+        labels = _floats(np.asarray(v))
+        return np.where(np.isnan(labels), IGNORE_INDEX, labels).astype(np.int64)
 
     info = {"kind": "classification", "classes": list(range(count))}
-    return Task(task_cfg.name, "classification", task_cfg.loss, num_classes=count), encode, info
+    task.num_classes = count
+    return task, encode, info
 
 
 def _is_integer(value) -> bool:
@@ -390,10 +433,13 @@ def _to_tensors(ds, tasks: list[Task]) -> TensorData:
 
 
 def _baselines(train: TensorData, val: TensorData, tasks: list[Task]) -> dict[str, dict[str, float]]:
-    """Validation metrics of the trivial predictors that a model must beat."""
+    """Validation metrics of the trivial predictors that a model must beat, on the labelled rows."""
     out = {}
     for task in tasks:
         y_train, y_val = train.targets[task.name], val.targets[task.name]
+        y_train, y_val = y_train[Task.labelled(y_train)], y_val[Task.labelled(y_val)]
+        if len(y_train) == 0 or len(y_val) == 0:
+            continue
         if task.kind == "regression":
             err = (y_val.double() - y_train.double().mean())
             out[task.name] = {"mse": float((err * err).mean()), "mae": float(err.abs().mean())}
@@ -401,6 +447,97 @@ def _baselines(train: TensorData, val: TensorData, tasks: list[Task]) -> dict[st
             majority = torch.mode(y_train).values
             out[task.name] = {"accuracy": float((y_val == majority).double().mean())}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# map-style datasets (bring your own)
+
+
+class DatasetSource:
+    """A map-style dataset as a data source: ``batch(indices) -> (inputs, {task: target})``.
+
+    Each item is a dict: ``"inputs"`` (a tensor or a dict of tensors) plus one key per task target
+    (and per mask key). ``collate`` (default ``torch.utils.data.default_collate``) makes the batch
+    dict from the items. A task's mask turns its False elements into missing labels (NaN, -100).
+    Any ``torch.utils.data.Dataset`` or ``datasets.Dataset`` (with a torch format or a transform)
+    works. ``key`` names the dataset in errors (``data.train``, ``train_data``).
+    """
+
+    complete_tasks: tuple[str, ...] = ()  # unknown without reading every item: counted per step
+
+    def __init__(self, dataset, tasks: list[Task], collate=None, key: str = "train_data") -> None:
+        from torch.utils.data import default_collate
+
+        try:
+            size = len(dataset)
+        except TypeError:
+            raise DataError(f"{key}: a map-style dataset (with __len__ and __getitem__) is needed, "
+                            f"got {type(dataset).__name__}") from None
+        if size == 0:
+            raise DataError(f"{key}: the dataset is empty")
+        self.dataset, self.tasks, self.key = dataset, tasks, key
+        self.collate = collate or default_collate
+        self._checked = False
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _check(self, item, index: int) -> None:
+        """The first item has what the tasks read: one clear error (exit 2) instead of a KeyError."""
+        if not isinstance(item, dict):
+            raise DataError(f"{self.key}: item {index} is a {type(item).__name__}; an item must be a dict with "
+                            "'inputs' and one key per task target")
+        needed = [("inputs", "the model's inputs")] + [(t.target, f"task {t.name!r}'s target") for t in self.tasks]
+        needed += [(t.mask, f"task {t.name!r}'s mask") for t in self.tasks if t.mask]
+        for name, what in needed:
+            if name not in item:
+                raise DataError(f"{self.key}: item {index} has no key {name!r} ({what}); its keys: "
+                                f"{', '.join(map(str, item))}")
+
+    def batch(self, indices: Tensor) -> tuple:
+        items = [self.dataset[int(i)] for i in indices]
+        if not self._checked and items:
+            self._check(items[0], int(indices[0]))
+            self._checked = True
+        batch = self.collate(items)
+        targets = {}
+        for task in self.tasks:
+            target = batch[task.target]
+            if not isinstance(target, Tensor):
+                raise DataError(f"{self.key}: task {task.name!r}'s target {task.target!r} is a "
+                                f"{type(target).__name__} after collate; it must be a tensor")
+            if task.mask:
+                keep = batch[task.mask].bool()
+                target = (target.masked_fill(~keep, float("nan")) if target.is_floating_point()
+                          else target.masked_fill(~keep, IGNORE_INDEX))
+            targets[task.name] = target
+        return batch["inputs"], targets
+
+
+def python_data(tasks: list[Task], train_data, val_data=None, collate=None) -> MultiTaskData:
+    """Groups of map-style datasets: ``train_data`` is one dataset for every task, or
+    ``{task: dataset}`` (tasks given the same dataset object share a group: one forward per step);
+    ``val_data`` likewise (optional: without it nothing is evaluated)."""
+    by_name = {task.name: task for task in tasks}
+    groups: list[PreparedData] = []
+    if isinstance(train_data, dict):
+        unknown = sorted(set(train_data) - set(by_name))
+        if unknown:
+            raise DataError(f"train_data: no task named {unknown[0]!r}; tasks: {', '.join(by_name)}")
+        missing = [name for name in by_name if name not in train_data]
+        if missing:
+            raise DataError(f"train_data: no dataset for task {missing[0]!r}")
+        plans: dict[int, tuple] = {}
+        for name, ds in train_data.items():
+            plans.setdefault(id(ds), (ds, []))[1].append(by_name[name])
+    else:
+        plans = {id(train_data): (train_data, list(tasks))}
+    for ds, group_tasks in plans.values():
+        val = val_data.get(group_tasks[0].name) if isinstance(val_data, dict) else val_data
+        groups.append(PreparedData(DatasetSource(ds, group_tasks, collate, "train_data"),
+                                   DatasetSource(val, group_tasks, collate, "val_data") if val is not None else None,
+                                   group_tasks, []))
+    return MultiTaskData(groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +603,8 @@ class StepLoader:
     def __init__(self, data: MultiTaskData, batch_size: int, seed: int) -> None:
         self.groups = data.groups
         self.samplers = [GlobalBatchSampler(len(g.train), batch_size, seed + 7919 * i) for i, g in enumerate(data.groups)]
+        self.complete: set[str] = {name for g in data.groups for name in getattr(g.train, "complete_tasks", ())}
+        """Tasks whose every training sample has one label: their count per global batch is its size."""
 
     def epoch(self, step: int) -> float:
         """Epochs of the first dataset completed after ``step`` optimizer steps."""
@@ -483,6 +622,16 @@ class StepLoader:
             if not any(task.name in active for task in group.tasks):
                 continue  # no active task reads this dataset at this step: no forward, no loading
             for m, indices in enumerate(sampler.local_batches(step, rank, world, accum)):
-                x, targets = group.train.batch(indices)
-                batches[m].append((x.to(device), {k: v.to(device) for k, v in targets.items()}))
+                batches[m].append(to_device(group.train.batch(indices), device))
         return batches
+
+
+def to_device(obj, device: torch.device):
+    """Tensors, and dicts, lists and tuples of them, moved to ``device`` (other values as they are)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -53,6 +53,17 @@ def check_not_fsdp() -> None:
                           "exactness guarantee and checkpoints are built on DDP; use launch/gpu.yaml")
 
 
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse a model that the caller already wrapped for sharding or replication (FSDP, FSDP2's
+    ``fully_shard``, DDP): dist-mtl wraps it itself, and its engines, digests and checkpoints
+    assume whole parameters it reduces itself."""
+    wrapped = [m for m in model.modules() if type(m).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel")
+               or type(m).__name__.startswith("FSDP")]
+    if wrapped:
+        raise UsageError(f"fit(model=...): the model is already wrapped ({type(wrapped[0]).__name__}); pass the "
+                         "plain MultiTaskModel: dist-mtl wraps it for the processes it was launched with")
+
+
 def check_world(actual_world_size: int, announced: int | None = None) -> None:
     """Refuse to train when the launcher started N > 1 processes but this one trains alone.
 

@@ -12,8 +12,9 @@ After optimizer step ``<step>`` (``maybe_inject``):
 
 Elsewhere:
 
-- ``nan`` makes the first sample's target of the first float-target task NaN during step
-  ``<step>`` (``corrupt``): a non-finite loss on that rank only;
+- ``nan`` makes the first sample's target of the first float-target task infinite during step
+  ``<step>`` (``corrupt``): a non-finite loss on that rank only (a NaN target would be a missing
+  label, which costs no loss);
 - ``killsave`` SIGKILLs the process in the middle of writing the checkpoint of step ``<step>``,
   after its own files are written and before the checkpoint is made visible (``during_save``).
 
@@ -82,7 +83,8 @@ def corrupt(step: int, rank: int, micro_batches: list) -> None:
     for _, targets in micro_batches[0]:
         for target in targets.values():
             if target.is_floating_point():
-                target.view(-1)[0] = float("nan")
+                # inf, not NaN: a NaN target is a missing label (no loss), an inf one a non-finite loss
+                target.view(-1)[0] = float("inf")
                 return
 
 

@@ -1,10 +1,33 @@
-"""Encoders registry, task heads and the multi-task model."""
+"""The multi-task model (a shared encoder and one head per task), the built-in encoders and heads.
+
+``MultiTaskModel(encoder, heads)`` takes any modules:
+
+- ``encoder(inputs)`` returns the shared features: a tensor, or a dict of tensors (multi-scale
+  maps). ``inputs`` is whatever a batch carries under ``"inputs"``: a tensor or a dict of tensors.
+- ``heads[task](features)`` gives that task's output. A head whose ``forward`` takes two
+  positional arguments gets ``(features, inputs)`` (a dense decoder that needs the input size or
+  skip connections).
+- An encoder with ``per_task_features = True`` (MMoE, CGC) returns ``{task: features}``, and each
+  head gets its own task's features. Its ``task_parameters()`` names the parameters that belong
+  to one task (gates, task experts): they count as that task's, not as shared.
+
+Every trainable parameter must be shared (the encoder's) or belong to exactly one task;
+``check_partition`` refuses anything else (tied weights between two heads, a parameter outside
+both), naming it. The engines rely on that split: the Jacobian has one row per task over the
+shared parameters, each head is reduced with its task.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import UsageError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -26,7 +49,8 @@ def mlp(widths: list[int], activation: str, dropout: float = 0.0, layer_norm: bo
 
 
 class MLPEncoder(nn.Module):
-    """Shared MLP trunk: ``input_dim -> hidden[0] -> ... -> hidden[-1]``."""
+    """Shared MLP trunk: ``input_dim -> hidden[0] -> ... -> hidden[-1]``; inputs (B, input_dim),
+    features (B, hidden[-1])."""
 
     def __init__(self, input_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -41,31 +65,128 @@ class MLPEncoder(nn.Module):
 ENCODERS: dict[str, type[nn.Module]] = {"mlp": MLPEncoder}
 
 
+def _takes_inputs(head: nn.Module) -> bool:
+    """Whether ``head.forward`` takes (features, inputs) rather than (features)."""
+    try:
+        parameters = list(inspect.signature(head.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: features only
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
 class MultiTaskModel(nn.Module):
-    """A shared encoder and one head per task; ``forward(x)`` returns ``{task: output}``."""
+    """A shared encoder and one head per task; ``forward(inputs, tasks=None)`` returns
+    ``{task: output}`` for the given tasks (default: all). See the module docstring."""
 
-    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]) -> None:
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module]) -> None:
         super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise UsageError(f"MultiTaskModel: the encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        bad = [name for name, head in heads.items() if not isinstance(head, nn.Module)]
+        if bad:
+            raise UsageError(f"MultiTaskModel: the head of task {bad[0]!r} must be a torch.nn.Module, "
+                             f"got {type(heads[bad[0]]).__name__}")
         self.encoder = encoder
-        self.heads = nn.ModuleDict(heads)
+        self.heads = nn.ModuleDict(dict(heads))
+        self.per_task_features = bool(getattr(encoder, "per_task_features", False))
+        self._head_takes_inputs = {name: _takes_inputs(head) for name, head in self.heads.items()}
 
-    def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
-        features = self.encoder(x)
-        names = self.heads.keys() if tasks is None else tasks
-        return {name: self.heads[name](features) for name in names}
+    def encode(self, inputs: Any) -> Any:
+        """The shared features of ``inputs``."""
+        return self.encoder(inputs)
+
+    def heads_forward(self, features: Any, inputs: Any, names) -> dict[str, Tensor]:
+        """The outputs of the heads of ``names`` on ``features``."""
+        out = {}
+        for name in names:
+            own = features[name] if self.per_task_features else features
+            head = self.heads[name]
+            out[name] = head(own, inputs) if self._head_takes_inputs[name] else head(own)
+        return out
+
+    def forward(self, inputs: Any, tasks: list[str] | None = None) -> dict[str, Tensor]:
+        return self.heads_forward(self.encode(inputs), inputs, self.heads.keys() if tasks is None else tasks)
+
+    # -- the split of the parameters ----------------------------------------------------------
+    def task_owned(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters inside the encoder that belong to one task (MMoE gates, CGC task experts)."""
+        owned = getattr(self.encoder, "task_parameters", None)
+        return {name: [p for p in params if p.requires_grad] for name, params in owned().items()} if owned else {}
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The encoder's trainable parameters, in a fixed order."""
-        return [p for p in self.encoder.parameters() if p.requires_grad]
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        """The weight matrix of the encoder's last linear (or convolutional) layer: GradNorm's W."""
-        layers = [m for m in self.encoder.modules() if getattr(m, "weight", None) is not None and m.weight.dim() >= 2]
-        return [layers[-1].weight]
+        """The encoder's trainable parameters that no single task owns, in a fixed order."""
+        owned = {id(p) for params in self.task_owned().values() for p in params}
+        return [p for p in self.encoder.parameters() if p.requires_grad and id(p) not in owned]
 
     def head_parameters(self, tasks: list[str]) -> list[nn.Parameter]:
-        """The trainable parameters of these tasks' heads, in the order given."""
-        return [p for name in tasks for p in self.heads[name].parameters() if p.requires_grad]
+        """The trainable parameters of these tasks (their heads, and what they own in the encoder),
+        in the order given."""
+        owned = self.task_owned()
+        return [p for name in tasks for p in [*owned.get(name, []), *self.heads[name].parameters()] if p.requires_grad]
+
+    def last_shared_parameters(self, layer: str | None = None) -> list[nn.Parameter]:
+        """GradNorm's W: the weight of encoder module ``layer`` (a dotted name), or by default of the
+        last module with a 2-D (or larger) weight that the shared forward path uses (found by
+        ``find_last_layer``; before that, in registration order)."""
+        name = layer or getattr(self, "_last_layer", None)
+        modules = dict(self.encoder.named_modules())
+        if name is not None:
+            if name not in modules or not isinstance(getattr(modules[name], "weight", None), nn.Parameter):
+                raise UsageError(f"mtl.weighting_args.layer: {name!r} is not a module with a weight in the encoder; "
+                                 f"modules with weights: {', '.join(_weighted(self.encoder)[-8:])}")
+            return [modules[name].weight]
+        owned = {id(p) for params in self.task_owned().values() for p in params}
+        layers = [m for m in self.encoder.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
+                  and m.weight.dim() >= 2 and m.weight.requires_grad and id(m.weight) not in owned]
+        if not layers:
+            raise UsageError("mtl.weighting: gradnorm needs a shared layer with a weight matrix in the encoder")
+        return [layers[-1].weight]
+
+    @torch.no_grad()
+    def find_last_layer(self, inputs: Any) -> str | None:
+        """Record, with one forward of ``inputs``, the last encoder module with a weight matrix that
+        the forward runs, shared by every task (a pooler that HF models build but that the features
+        do not go through is skipped this way). Sets it as GradNorm's default layer."""
+        owned = {id(p) for params in self.task_owned().values() for p in params}
+        order: list[str] = []
+        names = {m: n for n, m in self.encoder.named_modules()}
+        hooks = [m.register_forward_hook(lambda mod, args, out: order.append(names[mod]))
+                 for m in self.encoder.modules()
+                 if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2
+                 and m.weight.requires_grad and id(m.weight) not in owned]
+        try:
+            self.encoder(inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._last_layer = order[-1] if order else None
+        return self._last_layer
+
+    def check_partition(self) -> None:
+        """Refuse (UsageError naming the parameter) a trainable parameter that is neither shared nor
+        owned by exactly one task: a weight tied between two heads, or between a head and the
+        encoder, or a parameter registered outside both."""
+        owner: dict[int, str] = {}
+        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+        for p in self.shared_parameters():
+            owner[id(p)] = "the encoder"
+        for task in self.heads:
+            for p in self.head_parameters([task]):
+                where = owner.get(id(p))
+                if where is not None and where != f"task {task!r}":
+                    raise UsageError(f"model: parameter {names.get(id(p), '?')} belongs to both {where} and task "
+                                     f"{task!r}; every trainable parameter must be shared (the encoder's) or belong "
+                                     "to exactly one task (untie it, or move it into the encoder)")
+                owner[id(p)] = f"task {task!r}"
+        for name, p in self.named_parameters():
+            if p.requires_grad and id(p) not in owner:
+                raise UsageError(f"model: parameter {name} is neither in the encoder nor in a head; every trainable "
+                                 "parameter must be shared or belong to exactly one task")
+
+
+def _weighted(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
 def build_model(cfg: ModelConfig, input_dim: int, head_dims: dict[str, int]) -> MultiTaskModel:

@@ -19,14 +19,14 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, faults, preemption, rundir
 from .config import Config, TrainConfig
-from .data import MultiTaskData, StepLoader, eval_shard, prepare
-from .distributed import Distributed, check_not_fsdp, env_is_main
+from .data import MultiTaskData, StepLoader, eval_shard, prepare, python_data, to_device
+from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
-from .errors import ConfigError
-from .models import MultiTaskModel, build_model
-from .nonfinite import NonFiniteError, NonFiniteGuard
+from .errors import ConfigError, UsageError
+from .models import MultiTaskModel, build_model, mlp
 from .tasks import Task
+from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tracking import Tracker, git_commit
 from .vanishing import VanishingLossMonitor
 from .schedule import Schedule, TaskSampler
@@ -44,9 +44,12 @@ class TrainResult:
     param_digests: list[str]
 
 
-def train(cfg: Config) -> TrainResult:
-    """Train ``cfg`` on however many processes were launched; every rank calls this."""
+def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | None = None, train_data=None,
+          val_data=None, collate_fn=None) -> TrainResult:
+    """Train ``cfg`` on however many processes were launched; every rank calls this. Whatever is
+    passed replaces what the config would build (see ``dist_mtl.fit``)."""
     started = time.perf_counter()  # for the end-of-run summary: this attempt's wall time
+    tasks = resolve_tasks(cfg, tasks, model, train_data)
     run_dir = Path(cfg.output_dir).resolve()
     _check_output_dir(run_dir)
     # Before the process group, on every rank from the same files: another run's directory is a
@@ -61,18 +64,21 @@ def train(cfg: Config) -> TrainResult:
     check_not_fsdp()
     Tracker.check_wandb(cfg, env_is_main())
     dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
+                              find_unused_parameters=cfg.train.find_unused_parameters,
                               timeout_s=cfg.train.collective_timeout_s)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
     # Data: built once on the main process (HF caches), then on the others from the cache.
-    data = dist.main_first(lambda: prepare(cfg))
+    data = dist.main_first(lambda: build_data(cfg, tasks, train_data, val_data, collate_fn))
     loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
     task_sampler = TaskSampler(cfg, {t.name: len(g.train) for g in data.groups for t in g.tasks})
 
     # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_dim, {t.name: t.out_dim for t in data.tasks})
+    model = dist.main_first(lambda: build_full_model(cfg, data, model))
+    if any(w.needs_task_grads for w in schedule_weightings(cfg)):  # GradNorm: the last layer the features pass
+        model.find_last_layer(loader.micro_batches(0, 0, 1, 1, [t.name for t in data.tasks], torch.device("cpu"))[0][0][0])
     optimizer = build_optimizer(cfg.train, model)
     _check_free_space(dist, run_dir, cfg.train, model)
     # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
@@ -144,7 +150,7 @@ def train(cfg: Config) -> TrainResult:
                 _log_switch(tracker, progress, switch)
 
         if log_now:
-            record = _train_record(cfg, result, active, loader, done, interval.take())
+            record = _train_record(cfg, result, result.active, loader, done, interval.take())
             record.update(weighting.diagnostics())
             if schedule.phases:
                 record["phase"] = phase.index
@@ -218,6 +224,129 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
 
 
+# ---------------------------------------------------------------------------------------------
+# what a run is made of: tasks, data and model, from the config or from the caller
+
+
+def resolve_tasks(cfg: Config, tasks: list[Task] | None, model, train_data) -> list[Task] | None:
+    """The run's tasks: those passed in (recorded in ``cfg.tasks`` by name, so the weighting,
+    schedule and reruns see them), those of a ``python`` source's config, or None for tabular data
+    (built with the data, which gives the classes). Validates ``cfg`` for them (exit 2)."""
+    from .config import TaskConfig, validate
+
+    if train_data is not None or tasks is not None:
+        cfg.data.source = "python"
+    if tasks is not None:
+        if not tasks or not all(isinstance(t, Task) for t in tasks):
+            raise ConfigError("tasks", "fit(tasks=...) takes a non-empty list of dist_mtl.Task")
+        cfg.tasks = [TaskConfig(name=t.name, kind=t.kind, target=t.target, loss=_describe(t.loss), weight=t.weight,
+                                metrics=[_describe(m) for m in t.metrics] if t.metrics is not None else None,
+                                mask=t.mask, num_classes=t.num_classes or None if t.kind == "classification" else None)
+                     for t in tasks]
+    if model is not None:  # recorded for config.yaml and for comparing reruns
+        cfg.model.encoder = _describe(getattr(model, "encoder", model))
+        cfg.model.heads = {name: _describe(head) for name, head in getattr(model, "heads", {}).items()}
+    validate(cfg, world_size=env_world_size())
+    if tasks is not None or cfg.data.source != "python":
+        return tasks
+    return [task_from_config(t, f"tasks[{i}]") for i, t in enumerate(cfg.tasks)]
+
+
+def _describe(obj) -> str:
+    """A string naming a Python object passed to ``fit`` (``<python> pkg.module.Name``)."""
+    if isinstance(obj, str):
+        return obj
+    cls = obj if isinstance(obj, type) or callable(obj) and not isinstance(obj, nn.Module) else type(obj)
+    return f"{PYTHON_OBJECT} {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', type(cls).__name__)}"
+
+
+PYTHON_OBJECT = "<python>"
+"""Marks a config value that stands for an object given in code (``fit``), not something to import."""
+
+
+def task_from_config(t, key: str) -> Task:
+    """A run-time Task from a ``python`` source's task block: loss and metrics instantiated."""
+    from .plugins import instantiate
+    from .tasks import LOSSES, METRICS
+
+    loss = t.loss if isinstance(t.loss, str) and t.loss in LOSSES else instantiate(t.loss, f"{key}.loss", call=True)
+    metrics = None if t.metrics is None else [
+        m if isinstance(m, str) and "." not in m else instantiate(m, f"{key}.metrics[{j}]", call=True)
+        for j, m in enumerate(t.metrics)]
+    try:
+        return Task(t.name, loss=loss, target=t.target, kind=t.kind, metrics=metrics, weight=t.weight, mask=t.mask,
+                    num_classes=t.num_classes or 0)
+    except UsageError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def build_data(cfg: Config, tasks: list[Task] | None, train_data=None, val_data=None, collate_fn=None) -> MultiTaskData:
+    """The run's data: the datasets passed in, those a ``python`` source names, or the tables."""
+    from .plugins import instantiate
+
+    if train_data is None and cfg.data.source == "python":
+        if cfg.data.train is None:
+            raise ConfigError("data.train", "is required for data.source: python ({class_path, init_args} of a "
+                              "map-style dataset), unless the datasets are passed to dist_mtl.fit")
+        train_data = instantiate(cfg.data.train, "data.train")
+        val_data = instantiate(cfg.data.val, "data.val") if cfg.data.val is not None else None
+        collate_fn = instantiate(cfg.data.collate, "data.collate", call=False) if cfg.data.collate else None
+    if train_data is not None:
+        return python_data(tasks, train_data, val_data, collate_fn)
+    return prepare(cfg)
+
+
+def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None = None) -> MultiTaskModel:
+    """The model passed in (checked), or the one the config describes: the encoder (``mlp``, a
+    registered name, a class path) and one head per task (``model.heads``, else an MLP head)."""
+    from .plugins import instantiate
+
+    names = [t.name for t in data.tasks]
+    if model is None:
+        m = cfg.model
+        if m.encoder == "mlp":
+            encoder = build_model(m, data.input_dim, {}).encoder
+        else:
+            encoder = instantiate(m.encoder, "model.encoder", ENCODER_PATHS, tasks=names)
+        heads = {}
+        for task in data.tasks:
+            if task.name in m.heads:
+                heads[task.name] = instantiate(m.heads[task.name], f"model.heads.{task.name}")
+            elif getattr(encoder, "out_dim", None):
+                heads[task.name] = mlp([encoder.out_dim, *m.head_hidden, task.out_dim], m.activation,
+                                       final_activation=False)
+            else:
+                raise ConfigError(f"model.heads.{task.name}", "no head for this task: the encoder has no out_dim for "
+                                  "the default MLP head; give {class_path, init_args} of a head")
+        model = MultiTaskModel(encoder, heads)
+    else:
+        check_not_sharded(model)
+        if not isinstance(model, MultiTaskModel):
+            raise UsageError(f"fit(model=...): expected a dist_mtl.MultiTaskModel(encoder, heads), got "
+                             f"{type(model).__name__}")
+        missing = [n for n in names if n not in model.heads]
+        extra = [n for n in model.heads if n not in names]
+        if missing or extra:
+            raise UsageError(f"fit(model=...): the model has no head for task {missing[0]!r}" if missing else
+                             f"fit(model=...): the model has a head for {extra[0]!r}, which is not a task")
+    model.check_partition()
+    if cfg.model.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+ENCODER_PATHS = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC"}
+"""Registered encoders besides ``mlp`` (built from their ``init_args``)."""
+
+
+def schedule_weightings(cfg: Config) -> list[type]:
+    """The weighting classes the config's phases use."""
+    from .weighting import WEIGHTINGS
+
+    names = {cfg.mtl.weighting, *(p.weighting for p in cfg.mtl.schedule if p.weighting)}
+    return [WEIGHTINGS[n] for n in names]
+
+
 @dataclass
 class StepOutput(StepResult):
     """What one optimizer step produced: the weighting's global view plus this rank's own."""
@@ -239,6 +368,14 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
     ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
     micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
     faults.corrupt(step + 1, dist.rank, micro_batches)
+    # Each task's global count of labelled elements, before any backward: a task without any at
+    # this step sits it out, on every rank alike.
+    counts = label_counts(dist, engine, loader, micro_batches, cfg.train.batch_size)
+    engine.set_counts(counts, len(micro_batches))
+    active = [name for name in active if counts.get(name, 0) > 0]
+    if not active:  # no label of any trained task in this global batch: nothing to update
+        scheduler.step()
+        return StepOutput(step, weights=weighting.weights(step))
     if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
         weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
     if probe:
@@ -258,7 +395,7 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
                 p.grad = None
             return
         # A per-task step (alternate) trains the encoder at that task's learning rate, if it has one.
-        encoder = optimizer.param_groups[0]
+        encoder = next(group for group in optimizer.param_groups if group.get("name") == "encoder")
         scheduled_lr = encoder["lr"]
         if task is not None and task in cfg.train.task_lr:
             encoder["lr"] = scheduled_lr * cfg.train.task_lr[task] / cfg.train.lr
@@ -286,6 +423,26 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
         out.losses_after = _global(dist, engine.batch_losses(micro_batches, active))
     weighting.end_step(out)
     return out
+
+
+def label_counts(dist: Distributed, engine: BackwardEngine, loader: StepLoader, micro_batches: list,
+                 batch_size: int) -> dict[str, float]:
+    """Each task's number of labelled elements in global batch ``step`` (every rank, every micro-step).
+    Tasks whose data has no missing label (``loader.complete``) have one per sample, known without a
+    collective; the others' local counts are all-reduced in one collective of at most T numbers."""
+    local: dict[str, Tensor] = {}
+    for batch in micro_batches:
+        for _, targets in batch:
+            for name, target in targets.items():
+                if name not in loader.complete:
+                    count = engine.by_name[name].count(target)
+                    local[name] = local[name] + count if name in local else count
+    counts = {name: float(batch_size) for batch in micro_batches[:1] for _, targets in batch
+              for name in targets if name in loader.complete}
+    if local:  # the same keys in the same order on every rank: the same datasets are loaded
+        names = list(local)
+        counts.update(zip(names, dist.all_reduce_sum(torch.stack([local[n] for n in names])).tolist()))
+    return counts
 
 
 def _resume(dist: Distributed, path: Path, model: nn.Module, optimizer, scheduler, schedule: Schedule,
@@ -333,36 +490,40 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
     """Per-task validation metrics over each dataset's whole validation split, each sample counted
     once: every rank evaluates a disjoint share and the per-sample sums are all-reduced (one flat
     collective with a layout fixed by the tasks, so a rank with an empty share sends zeros)."""
+    evaluated = [task for group in data.groups if group.val is not None for task in group.tasks]
+    keys = [(task.name, key) for task in evaluated for key in task.sum_keys]
+    if not keys:  # no validation data (fit without val_data)
+        return {}
     module = dist.accelerator.unwrap_model(model)
     module.eval()
-    keys = [(task.name, key) for task in data.tasks for key in task.sum_keys]
     sums = {k: torch.zeros((), dtype=torch.float64, device=dist.device) for k in keys}
-    for group in data.groups:
+    for group in (g for g in data.groups if g.val is not None):
         shard = eval_shard(len(group.val), dist.rank, dist.world_size)
         names = [task.name for task in group.tasks]
         for start in range(0, len(shard), batch_size):
-            x, targets = group.val.batch(shard[start:start + batch_size])
+            x, targets = to_device(group.val.batch(shard[start:start + batch_size]), dist.device)
             with dist.accelerator.autocast():
-                outputs = module(x.to(dist.device), tasks=names)
+                outputs = module(x, tasks=names)
             for task in group.tasks:
-                for key, value in task.metric_sums(outputs[task.name], targets[task.name].to(dist.device)).items():
+                for key, value in task.metric_sums(outputs[task.name], targets[task.name]).items():
                     sums[(task.name, key)] += value
     module.train()
     flat = dist.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
     results: dict[str, float] = {}
-    for group in data.groups:
-        for task in group.tasks:
-            task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
-            for metric, value in Task.metrics_from_sums(task_sums, len(group.val)).items():
-                results[f"eval/{task.name}/{metric}"] = value
+    for task in evaluated:  # each metric: the mean over the task's labelled validation elements
+        task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
+        for metric, value in task.metrics_from_sums(task_sums).items():
+            results[f"eval/{task.name}/{metric}"] = value
     return results
 
 
 def build_optimizer(t: TrainConfig, model: MultiTaskModel) -> torch.optim.Optimizer:
-    """AdamW or SGD with one parameter group for the encoder and one per head (per-task lr)."""
-    groups = [{"params": list(model.encoder.parameters()), "lr": t.lr, "name": "encoder"}]
-    for name, head in model.heads.items():
-        groups.append({"params": list(head.parameters()), "lr": t.task_lr.get(name, t.lr), "name": f"head/{name}"})
+    """AdamW or SGD with one parameter group for the shared parameters (named ``encoder``) and one
+    per task (its head and what it owns in the encoder; ``train.task_lr``). Frozen parameters
+    (``requires_grad=False``) are left out."""
+    groups = [{"params": model.shared_parameters(), "lr": t.lr, "name": "encoder"}]
+    for name in model.heads:
+        groups.append({"params": model.head_parameters([name]), "lr": t.task_lr.get(name, t.lr), "name": f"head/{name}"})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -500,8 +661,8 @@ def _begin_attempt(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTas
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resumed_from": str(plan.resume_path) if plan.resume_path else None,
         "start_step": start,
-        "datasets": [{"tasks": [t.name for t in g.tasks], "train_rows": len(g.train), "val_rows": len(g.val)}
-                     for g in data.groups],
+        "datasets": [{"tasks": [t.name for t in g.tasks], "train_rows": len(g.train),
+                      "val_rows": len(g.val) if g.val is not None else 0} for g in data.groups],
         "tasks": {t.name: {"kind": t.kind, "loss": t.loss_name, "out_dim": t.out_dim} for t in data.tasks},
     }
     attempt = {"start_step": start, "end_step": start, "world_size": dist.world_size,

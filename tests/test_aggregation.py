@@ -136,7 +136,7 @@ def reference_first_update(config) -> tuple[dict[str, torch.Tensor], dict[str, d
     model = build_model(cfg.model, group.train.x.shape[1], {t.name: t.out_dim for t in group.tasks})
     x, targets = group.train.batch(GlobalBatchSampler(len(group.train), cfg.train.batch_size, cfg.seed).global_batch(0))
     outputs = model(x)
-    losses = [task.loss(outputs[task.name], targets[task.name]) for task in group.tasks]
+    losses = [task.mean_loss(outputs[task.name], targets[task.name]) for task in group.tasks]
     encoder = dict(model.encoder.named_parameters(prefix="encoder"))
     jacobian = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(encoder.values()),
                                                                                     retain_graph=True)])
@@ -236,7 +236,7 @@ def test_conflict_diagnostics_equal_a_direct_computation(tmp_path):
     shared = list(model.encoder.parameters())
     rows = []
     for task in group.tasks:
-        grads = torch.autograd.grad(task.loss(outputs[task.name], targets[task.name]), shared, retain_graph=True)
+        grads = torch.autograd.grad(task.mean_loss(outputs[task.name], targets[task.name]), shared, retain_graph=True)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     jac = torch.stack(rows).double()
     names = [t.name for t in group.tasks]

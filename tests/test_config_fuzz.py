@@ -33,7 +33,7 @@ from dist_mtl.aggregation import AGGREGATORS, GRAMIAN_AGGREGATORS
 from dist_mtl.config import Config, load_config
 from dist_mtl.engine import BACKWARDS
 from dist_mtl.models import ACTIVATIONS, ENCODERS
-from dist_mtl.tasks import LOSSES
+from dist_mtl.tasks import KIND_LOSSES as LOSSES
 from dist_mtl.weighting import WEIGHTINGS
 
 FUZZ_EXAMPLES = int(os.environ.get("DIST_MTL_FUZZ_EXAMPLES", "300"))  # more for a deeper search

@@ -215,11 +215,12 @@ def test_infinite_values_are_an_error_unless_dropped(tmp_path):
     with pytest.raises(DataError, match="^data: column 'b' has 1 infinite \\(inf or -inf\\) values; .* data.dropna=true"):
         prepare(_csv(tmp_path, text, [{"name": "flag", "kind": "binary"}]))
     target = "a,y\n" + "".join(f"{i},{i / 2}\n" for i in range(12)) + "12,-inf\n13,\n"
-    with pytest.raises(DataError, match="^data: column 'y' has 1 missing or NaN and 1 infinite \\(inf or -inf\\) values"):
+    with pytest.raises(DataError, match="^data: column 'y' has 1 infinite \\(inf or -inf\\) values"):  # missing: a label
         prepare(_csv(tmp_path, target, [{"name": "y"}]))
-    data = prepare(_csv(tmp_path, target, [{"name": "y"}], dropna=True)).groups[0]  # dropna drops both rows
-    assert len(data.train) + len(data.val) == 12 and torch.isfinite(data.train.x).all()
-    assert torch.isfinite(data.train.targets["y"]).all() and torch.isfinite(data.val.targets["y"]).all()
+    data = prepare(_csv(tmp_path, target, [{"name": "y"}], dropna=True)).groups[0]  # dropna drops the inf row only
+    assert len(data.train) + len(data.val) == 13 and torch.isfinite(data.train.x).all()
+    y = torch.cat([data.train.targets["y"], data.val.targets["y"]])
+    assert not torch.isinf(y).any() and int(torch.isnan(y).sum()) == 1  # the missing label stays missing
 
 
 @pytest.mark.parametrize("text", ["a,b,y\n", "", "\n\n"], ids=["header only", "empty", "blank lines"])
@@ -246,7 +247,7 @@ def test_too_few_rows_for_a_split(tmp_path):
 
 def test_an_empty_split_after_dropna_names_dropna(tmp_path):
     with pytest.raises(DataError, match="^data.dropna: dropping the rows with missing, NaN or infinite values leaves 1 of 3"):
-        prepare(_csv(tmp_path, "a,y\n1,\n2,inf\n3,2\n", [{"name": "y"}], dropna=True))
+        prepare(_csv(tmp_path, "a,y\n,1\n2,inf\n3,2\n", [{"name": "y"}], dropna=True))
 
 
 def test_labels_outside_num_classes_exit_2_with_one_line_naming_the_column(tmp_path):
@@ -268,3 +269,26 @@ def test_two_tasks_on_one_column_each_get_their_own_encoding(tmp_path):
     assert cls.dtype == torch.long and set(cls.tolist()) <= {0, 1, 2, 3}
     assert abs(reg.mean().item()) < 1e-6 and abs(reg.std(unbiased=False).item() - 1) < 1e-5  # standardised
     assert torch.allclose((reg - reg.min()) / (reg.max() - reg.min()) * 3, cls.double(), atol=1e-5)
+
+
+def test_missing_target_labels_keep_the_row_for_the_other_tasks(tmp_path):
+    """A missing label costs its task that row, not the row: NaN in regression and binary targets,
+    -100 in class indices; classes, standardisation and baselines use the labelled rows only."""
+    rows = ["a,price,cut,flag"] + [f"{i},{'' if i % 3 == 0 else i * 1.5},{'' if i % 4 == 0 else 'xyz'[i % 3]},"
+                                   f"{'' if i % 5 == 0 else i % 2}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", {"seed": 0, "data": {"source": "csv", "path": str(tmp_path / "d.csv")},
+                                             "tasks": [{"name": "price"}, {"name": "cut", "kind": "classification"},
+                                                       {"name": "flag", "kind": "binary"}]})
+    group = prepare(load_config(cfg, [], world_size=1)).groups[0]
+    assert len(group.train) + len(group.val) == 40  # no row dropped
+    price = torch.cat([group.train.targets["price"], group.val.targets["price"]])
+    cut = torch.cat([group.train.targets["cut"], group.val.targets["cut"]])
+    flag = torch.cat([group.train.targets["flag"], group.val.targets["flag"]])
+    assert int(torch.isnan(price).sum()) == 14 and int((cut == -100).sum()) == 10 and int(torch.isnan(flag).sum()) == 8
+    assert group.tasks[1].num_classes == 3  # the missing value is not a class
+    labelled = group.train.targets["price"][~torch.isnan(group.train.targets["price"])]
+    assert abs(float(labelled.mean())) < 1e-6 and abs(float(labelled.std(unbiased=False)) - 1) < 1e-5
+    assert set(group.train.complete_tasks) == set()  # every task misses labels: counted per step
+    assert set(group.baselines) == {"price", "cut", "flag"} and all(
+        v == v for b in group.baselines.values() for v in b.values())  # no NaN

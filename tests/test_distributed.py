@@ -67,7 +67,7 @@ def test_logged_losses_are_global_batch_means(oracle, tmp_path):
     x, targets = data.train.batch(GlobalBatchSampler(len(data.train), cfg.train.batch_size, cfg.seed).global_batch(0))
     with torch.no_grad():
         outputs = model(x)
-    expected = {t.name: t.loss(outputs[t.name], targets[t.name]).item() for t in data.tasks}
+    expected = {t.name: t.mean_loss(outputs[t.name], targets[t.name]).item() for t in data.tasks}
     for name in ("1", "2", "2ga2"):
         first = oracle[name].metrics()[0]
         assert first["step"] == 1
@@ -91,7 +91,7 @@ def test_rank_spread_is_the_lowest_and_highest_rank_loss(tmp_path):
         x, targets = data.train.batch(indices)
         with torch.no_grad():
             outputs = model(x)
-        per_rank.append({t.name: t.loss(outputs[t.name], targets[t.name]).item() for t in data.tasks})
+        per_rank.append({t.name: t.mean_loss(outputs[t.name], targets[t.name]).item() for t in data.tasks})
     (record,) = [m for m in run.metrics() if "loss/t0" in m]
     for task in ("t0", "t1", "t2"):
         low, high = sorted(r[task] for r in per_rank)
@@ -116,7 +116,8 @@ def test_eval_counts_every_validation_sample_once(oracle, tmp_path):
     reported = run.json("final/eval.json")["metrics"]
     for task in data.tasks:
         sums = {k: v.item() for k, v in task.metric_sums(outputs[task.name], data.val.targets[task.name]).items()}
-        for metric, value in Task.metrics_from_sums(sums, len(data.val)).items():
+        assert sums["count"] == len(data.val)
+        for metric, value in task.metrics_from_sums(sums).items():
             assert reported[f"eval/{task.name}/{metric}"] == pytest.approx(value, rel=1e-6)
 
 

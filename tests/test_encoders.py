@@ -341,16 +341,3 @@ def test_bad_cgc_counts_raise_value_errors():
         CGC(mlp_expert(), num_shared_experts=1, num_task_experts={"a": 1}, tasks=TASKS, gate_dim=D)
     with pytest.raises(ValueError, match=">= 0"):
         CGC(mlp_expert(), num_shared_experts=1, num_task_experts=-1, tasks=TASKS, gate_dim=D)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_autocast():
-    for encoder in both():
-        encoder = encoder.cuda()
-        x = torch.randn(B, D, device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            features = encoder(x)
-        assert all(f.device.type == "cuda" and f.dtype == torch.bfloat16 for f in features.values())
-        assert all(w.dtype == torch.float32 for w in encoder.last_gate_weights.values())
-        sum(f.float().sum() for f in features.values()).backward()
-        assert all(p.grad is not None for p in encoder.shared_parameters())

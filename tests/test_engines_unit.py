@@ -49,7 +49,9 @@ def one_step(setup, mode: str, scaler, batch=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    engine.run(0, batch or default_batch, update, cfg.task_names)
+    batch = batch or default_batch
+    engine.set_counts({t.name: float(cfg.train.batch_size) for t in data.tasks}, len(batch))  # every row labelled
+    engine.run(0, batch, update, cfg.task_names)
     dist.accelerator.scaler = None
     return {k: v.detach().clone() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
 

@@ -36,14 +36,16 @@ def test_registries_hold_classes():
 
 @pytest.mark.parametrize("kind, classes", [("regression", 0), ("classification", 4), ("binary", 0)])
 def test_task_loss_and_metric_sums_agree(kind, classes):
-    task = Task("t", kind, {"regression": "mse", "classification": "ce", "binary": "bce"}[kind], classes)
+    task = Task("t", {"regression": "mse", "classification": "ce", "binary": "bce"}[kind], kind=kind,
+                num_classes=classes)
     torch.manual_seed(0)
     out = torch.randn(10, task.out_dim)
     target = torch.randint(0, 4, (10,)) if kind == "classification" else torch.randint(0, 2, (10,)).float()
     sums = task.metric_sums(out, target)
     assert list(sums) == task.sum_keys
-    metrics = Task.metrics_from_sums({k: v.item() for k, v in sums.items()}, 10)
-    assert math.isclose(metrics["loss"], task.loss(out, target).item(), rel_tol=1e-6)
+    metrics = task.metrics_from_sums({k: v.item() for k, v in sums.items()})
+    assert sums["count"] == 10
+    assert math.isclose(metrics["loss"], task.mean_loss(out, target).item(), rel_tol=1e-6)
     if kind == "regression":
         assert math.isclose(metrics["rmse"], math.sqrt(metrics["mse"]))
         assert math.isclose(metrics["mse"], metrics["loss"], rel_tol=1e-6)

@@ -52,7 +52,8 @@ def events(run, kind: str) -> list[dict]:
 # -- non-finite losses -------------------------------------------------------------------------
 
 def test_nan_on_one_rank_is_one_decision_skip_or_abort(tmp_path):
-    """The first sample's target of task t0 is NaN on rank 1 only, during step 7."""
+    """The first sample's target of task t0 is infinite on rank 1 only, during step 7 (a NaN target
+    would be a missing label, which costs no loss)."""
     config = write_config(tmp_path / "tiny.yaml", TINY)
     # the check then reads the clip's norm; SGD: the 2-process run is compared with the 1-process one
     skip = ["train.on_nonfinite=skip", "log.every=1", "train.grad_clip=1", *SGD]
@@ -65,11 +66,11 @@ def test_nan_on_one_rank_is_one_decision_skip_or_abort(tmp_path):
     # skip: every rank skipped step 7, and only it; training went on to the end
     skip2.check()
     assert events(skip2, "nonfinite") == [{"event": "nonfinite", "step": 7, "task_update": None, "action": "skip",
-                                           "losses": {"t0": {"1": "nan"}}}]
+                                           "losses": {"t0": {"1": "inf"}}}]
     records = {m["step"]: m for m in skip2.metrics() if "loss/t0" in m}
     assert [records[s]["nonfinite/skipped"] for s in (6, 7, 8, 20)] == [0, 1, 1, 1]
-    assert records[7]["loss/t0"] == "nan" and math.isfinite(records[8]["loss/t0"])
-    assert "dist-mtl: skipped step 7 on every rank: non-finite loss of task 't0' (nan on rank 1)" in skip2.stderr
+    assert records[7]["loss/t0"] == "inf" and math.isfinite(records[8]["loss/t0"])
+    assert "dist-mtl: skipped step 7 on every rank: non-finite loss of task 't0' (inf on rank 1)" in skip2.stderr
     assert_ranks_identical(skip2, 2)  # no rank stepped while another skipped
     final = load_file(str(skip2.output_dir / "final/model.safetensors"))
     assert all(t.isfinite().all() for t in final.values())
@@ -81,7 +82,7 @@ def test_nan_on_one_rank_is_one_decision_skip_or_abort(tmp_path):
     # abort: every rank stops at step 7 with one line naming task, rank and step; step_5 is kept
     assert abort.returncode == 1 and no_traceback_from_us(abort)
     assert_world_size(abort, 2)
-    assert messages(abort) == ["dist-mtl: error: non-finite loss of task 't0' (nan on rank 1) at step 7; stopped "
+    assert messages(abort) == ["dist-mtl: error: non-finite loss of task 't0' (inf on rank 1) at step 7; stopped "
                                "(train.on_nonfinite=abort). Set train.on_nonfinite=skip to skip such updates, or "
                                "lower train.lr / set train.grad_clip"]
     assert [p.name for p in (abort.output_dir / "checkpoints").iterdir()] == ["step_5"]

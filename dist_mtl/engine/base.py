@@ -83,7 +83,18 @@ class BackwardEngine:
         """Diagnostics of the last step (this rank's values; the trainer averages them over ranks)."""
         self.collect_stats = True
         """Whether ``run`` fills ``stats``; the trainer turns it on for log steps only."""
+        self.scales: dict[str, float] = {}
+        """This step's multiplier of each task's per-piece loss sum (``set_counts``)."""
         self._task_grads: dict[str, Tensor] = {}
+
+    def set_counts(self, counts: dict[str, float], accum: int) -> None:
+        """This step's global count C_t of labelled elements of each task (every rank, every
+        micro-step). A piece's loss is then its sum of per-element losses times world * accum / C_t:
+        the engines divide by ``accum`` and DDP averages over the world, so the gradient is exactly
+        that of the global-batch masked mean, whatever the number of labels on each rank and
+        micro-step. A task with C_t = 0 has no loss at this step (on every rank alike)."""
+        world = self.dist.world_size
+        self.scales = {name: world * accum / count for name, count in counts.items() if count > 0}
 
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns
@@ -134,7 +145,7 @@ class BackwardEngine:
         last shared layer (T backward passes through the heads and that layer only; the graph is
         retained), accumulated for ``take_task_grads``."""
         if self.weighting.needs_task_grads:
-            layer = self.module.last_shared_parameters()
+            layer = self.module.last_shared_parameters(self.weighting.args.get("layer"))
             scale = self._loss_scale()
             for name, loss in losses.items():
                 grads = torch.autograd.grad(self._scaled(loss), layer, retain_graph=True, allow_unused=True)
@@ -144,17 +155,22 @@ class BackwardEngine:
         return self.weighting.terms(losses, step)
 
     def losses(self, batch: Batch, only: list[str] | None = None, model: nn.Module | None = None) -> dict[str, Tensor]:
-        """Each task's mean loss on its piece of ``batch``: one forward per piece (through ``model``,
-        default the DDP-wrapped one), through the heads of the tasks it carries (restricted to
-        ``only`` if given)."""
+        """Each task's loss on its piece of ``batch``, scaled so that the mean over micro-steps and
+        ranks is the global masked mean (``set_counts``): one forward per piece (through ``model``,
+        default the DDP-wrapped one), through the heads of the tasks it carries that have labels at
+        this step (restricted to ``only`` if given)."""
         model = model if model is not None else self.model
         losses = {}
         for x, targets in batch:
-            names = [name for name in targets if only is None or name in only]
+            names = [name for name in targets if (only is None or name in only) and name in self.scales]
             if names:
                 outputs = model(x, tasks=names)
-                losses.update({name: self.by_name[name].loss(outputs[name], targets[name]) for name in names})
+                losses.update({name: self.task_loss(name, outputs[name], targets[name]) for name in names})
         return losses
+
+    def task_loss(self, name: str, output: Tensor, target: Tensor) -> Tensor:
+        """One piece's loss of task ``name``: its labelled elements' loss sum times this step's scale."""
+        return self.by_name[name].loss_sum(output, target) * self.scales[name]
 
     @staticmethod
     def accumulate(totals: dict[str, Tensor], losses: dict[str, Tensor], accum: int) -> None:

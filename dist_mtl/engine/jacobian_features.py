@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from ..nonfinite import all_finite
 from .base import Batch, BackwardEngine, Update, conflict_stats
 
@@ -34,10 +35,14 @@ class FeatureJacobianEngine(BackwardEngine):
             terms: dict[str, Tensor] = {}
             for x, targets in batch:
                 with self.dist.accelerator.autocast():
-                    features = self.module.encoder(x)
-                    names = [n for n in targets if n in index]
-                    outputs = {n: self.module.heads[n](features) for n in targets}
-                losses = {n: self.by_name[n].loss(outputs[n], targets[n]) for n in targets}
+                    features = self.module.encode(x)
+                    carried = [n for n in targets if n in self.scales]  # tasks with labels at this step
+                    names = [n for n in carried if n in index]
+                    if not isinstance(features, Tensor):
+                        raise UsageError("mtl.jacobian_wrt: features needs an encoder that returns one tensor of "
+                                         f"shared features, not a {type(features).__name__}; use jacobian_wrt: params")
+                    outputs = self.module.heads_forward(features, x, carried)
+                losses = {n: self.task_loss(n, outputs[n], targets[n]) for n in carried}
                 self.accumulate(totals, losses, accum)
                 if not names:
                     continue

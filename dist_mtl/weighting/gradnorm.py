@@ -30,7 +30,9 @@ from .base import LearnedScalars, StepResult, Weighting
 
 class GradNormWeighting(Weighting):
     name = "gradnorm"
-    defaults = {"alpha": 1.5, "lr": None, "min_weight": 1e-3}
+    defaults = {"alpha": 1.5, "lr": None, "min_weight": 1e-3, "layer": None}
+    """``layer``: the dotted name of W in the encoder; default the last module with a weight matrix
+    that the forward pass runs (an HF pooler the features skip gives no gradient, so it is skipped)."""
     uses_losses = True
     needs_task_grads = True
 
