@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in [("train", "train a model; writes config.yaml, run.json, metrics.jsonl, checkpoints/, "
                                  "final/model.safetensors and wandb/ under output_dir"),
-                       ("validate", "check a config and print it fully resolved, without training")]:
+                       ("validate", "check a config and print it fully resolved, without training; with "
+                                    "class paths or data.source: python, also build the model and data and push "
+                                    "a batch of 2 items through the model and the losses")]:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", help="YAML config file (see configs/)")
         sub.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
+            if cfg.data.source == "python" or _has_plugins(cfg):  # build them and push a tiny batch through
+                from .trainer import check_one_batch
+
+                losses = check_one_batch(cfg)
+                print(dump_yaml(cfg), end="")
+                print("# one batch of 2 training items: " + ", ".join(f"loss/{n} {v:.4g}" for n, v in losses.items()))
+                return 0
             print(dump_yaml(cfg), end="")
             return 0
         from .distributed import env_is_main
@@ -167,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-mtl: {failure_line(e)}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _has_plugins(cfg) -> bool:
+    """Whether the config names code to import (class paths), which only running it can check."""
+    return cfg.model.encoder != "mlp" or bool(cfg.model.heads)
 
 
 def failure_line(error: BaseException) -> str:

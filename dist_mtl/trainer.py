@@ -347,6 +347,32 @@ def schedule_weightings(cfg: Config) -> list[type]:
     return [WEIGHTINGS[n] for n in names]
 
 
+def check_one_batch(cfg: Config, model: nn.Module | None = None, tasks: list[Task] | None = None, train_data=None,
+                    val_data=None, collate_fn=None) -> dict[str, float]:
+    """What ``dist-mtl validate`` does beyond the config: build the tasks, the data and the model
+    exactly as training would, and push a batch of two training items through the model and every
+    task's loss (on this process, no process group). Returns each task's loss; raises UsageError
+    (exit 2) naming what does not fit."""
+    tasks = resolve_tasks(cfg, tasks, model, train_data)
+    data = build_data(cfg, tasks, train_data, val_data, collate_fn)
+    torch.manual_seed(cfg.seed)
+    model = build_full_model(cfg, data, model)
+    losses = {}
+    with torch.no_grad():
+        for group in data.groups:
+            inputs, targets = group.train.batch(torch.arange(min(2, len(group.train))))
+            try:
+                outputs = model(inputs, tasks=[t.name for t in group.tasks])
+            except UsageError:
+                raise
+            except Exception as e:  # the user's model failed on a real batch: say where, in one line
+                raise UsageError(f"model: the forward pass failed on a batch of 2 training items: "
+                                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+            for task in group.tasks:
+                losses[task.name] = float(task.mean_loss(outputs[task.name], targets[task.name]))
+    return losses
+
+
 @dataclass
 class StepOutput(StepResult):
     """What one optimizer step produced: the weighting's global view plus this rank's own."""
