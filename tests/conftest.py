@@ -84,17 +84,20 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def launch(config: Path, output_dir: Path, overrides: list[str] = (), nproc: int = 1, launcher: str = "accelerate",
-           command: str = "train", env: dict | None = None, timeout: int = 300) -> Run:
-    """Run ``dist-mtl <command>`` on ``nproc`` processes: plain python for 1, else a real launcher."""
-    args = [command, str(config), f"output_dir={output_dir}", *overrides]
+           command: str = "train", env: dict | None = None, timeout: int = 300, script: list[str] | None = None) -> Run:
+    """Run ``dist-mtl <command>`` on ``nproc`` processes: plain python for 1, else a real launcher.
+    ``script`` (a path and its first arguments) runs a user's script instead, which gets the
+    config and the overrides after them, as ``python script.py ... CONFIG key=value``."""
+    args = [str(config), f"output_dir={output_dir}", *overrides]
+    program = [*script, *args] if script else ["-m", "dist_mtl", command, *args]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "dist_mtl", *args]
+        cmd = [sys.executable, *program]
     elif launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
-               "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "dist_mtl", *args]
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()), *program]
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "dist_mtl", *args]
+               "--master_port", str(free_port()), *program]
     else:
         raise ValueError(launcher)
     started = time.monotonic()

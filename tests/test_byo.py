@@ -1,0 +1,213 @@
+"""Bring your own model, tasks and data: N processes equal 1 for what users bring.
+
+Every cell trains on 1 process and on 2 processes with ``grad_accum=2`` (4 pieces per global
+batch) with SGD without momentum, which shows a wrong gradient scale that AdamW would hide, and
+compares the final parameters at the measured fp32 tolerance; ``Run.check`` asserts each run's
+world size, ``assert_ranks_identical`` that the ranks hold the same bits.
+
+- A model of the user's own (dict inputs and features, a head that reads the inputs, a loss
+  callable, a map-style dataset with NaN / -100 labels) through ``dist_mtl.fit`` under both
+  launchers, and the same run through YAML class paths and the CLI (bitwise equal to ``fit``).
+- Partially labelled diamonds (40 % of ``cut`` and 20 % of ``price`` blanked, at random, so the
+  counts differ across ranks and micro-steps) for every engine and for dwa, gradnorm,
+  uncertainty and famo; the logged loss against a hand computation of the global masked mean; and
+  the per-piece average that the exact rule replaces, which differs.
+- Token-level labels with padding and per-pixel labels with ignore pixels.
+- MMoE and CGC encoders: only the experts are shared parameters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import (FP32_RTOL, REPO, SGD, assert_params_close, assert_ranks_identical, launch_missing,
+                      weights_equal, write_config)
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = [str(REPO / "tests" / "byo_fit.py")]
+SMALL = {"seed": 1, "train": {"max_steps": 8, "batch_size": 24, "lr": 0.05, "warmup_steps": 0},
+         "log": {"wandb": "disabled", "every": 1, "progress": False}}
+
+
+@pytest.fixture(scope="module")
+def byo(tmp_path_factory):
+    """Cells of ``byo_fit.py``: (cell, overrides, nproc, launcher) -> Run, launched in pairs."""
+    tmp = tmp_path_factory.mktemp("byo")
+    config = write_config(tmp / "small.yaml", SMALL)
+    cache: dict = {}
+
+    def run(*keys):
+        def args(key):
+            cell, overrides, nproc, launcher = key
+            name = f"{cell}-{'-'.join(o.replace('=', '_').replace('.', '_') for o in overrides)}-p{nproc}"
+            return dict(config=config, output_dir=tmp / name, overrides=[*SGD, *overrides], nproc=nproc,
+                        launcher=launcher, script=[*SCRIPT, cell])
+        return launch_missing(cache, list(keys), args)
+    return run
+
+
+@pytest.mark.parametrize("engine, launcher", [("sum", "accelerate"), ("jacobian", "torchrun")])
+def test_own_model_through_fit_on_two_processes_equals_one(byo, engine, launcher):
+    extra = ["mtl.backward=jacobian", "mtl.aggregator=upgrad"] if engine == "jacobian" else [f"mtl.backward={engine}"]
+    one, two = byo(("custom", tuple(extra), 1, "accelerate"), ("custom", (*extra, "train.grad_accum=2"), 2, launcher))
+    assert_ranks_identical(two, 2)
+    assert_params_close(two, one, FP32_RTOL, f"custom {engine}")  # measured 8.4e-8 (sum)
+    metrics = one.json("final/eval.json")["metrics"]
+    assert set(metrics) == {"eval/reg/loss", "eval/cls/loss", "eval/cls/accuracy"}
+
+
+def test_the_same_model_through_yaml_class_paths_is_bitwise_the_same_run(byo, tmp_path):
+    (fitted,) = byo(("custom", ("mtl.backward=sum",), 1, "accelerate"))
+    config = write_config(tmp_path / "byo.yaml", {
+        **SMALL, "data": {"source": "python",
+                          "train": {"class_path": "byo_models.PartlyLabelled", "init_args": {"n": 96, "seed": 0}},
+                          "val": {"class_path": "byo_models.PartlyLabelled", "init_args": {"n": 40, "seed": 1}}},
+        "tasks": [{"name": "reg", "kind": None, "loss": "byo_models.abs_loss", "target": "y"},
+                  {"name": "cls", "kind": "classification", "loss": "ce", "target": "c", "num_classes": 3}],
+        "model": {"encoder": {"class_path": "byo_models.DictEncoder"},
+                  "heads": {"reg": {"class_path": "byo_models.FeatureHead"}, "cls": "byo_models.SkipHead"}}})
+    from conftest import launch
+
+    run = launch(config, tmp_path / "yaml", [*SGD, "mtl.backward=sum"],
+                 env={"PYTHONPATH": str(REPO / "tests")}).check()
+    assert weights_equal(run.output_dir / "final/model.safetensors", fitted.output_dir / "final/model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# partially labelled diamonds
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """3,000 diamonds with 40 % of cut and 20 % of price blanked at random (seeded)."""
+    tmp = tmp_path_factory.mktemp("partial")
+    frame = pd.read_parquet(REPO / "data" / "diamonds.parquet").iloc[:3000].copy()
+    rng = np.random.default_rng(0)
+    frame["cut"] = frame["cut"].astype(object)
+    frame.loc[rng.random(len(frame)) < 0.4, "cut"] = None
+    frame.loc[rng.random(len(frame)) < 0.2, "price"] = np.nan
+    frame.to_parquet(tmp / "partial.parquet")
+    config = write_config(tmp / "partial.yaml", {
+        "seed": 2, "data": {"source": "parquet", "path": str(tmp / "partial.parquet"),
+                            "features": ["carat", "depth", "table", "x", "y", "z"]},
+        "tasks": [{"name": "price", "kind": "regression", "transform": "log"},
+                  {"name": "cut", "kind": "classification"}, {"name": "color", "kind": "classification"}],
+        "model": {"hidden": [32]},
+        "train": {"max_steps": 8, "batch_size": 48, "lr": 0.05, "warmup_steps": 0},
+        "log": {"wandb": "disabled", "every": 1, "progress": False}})
+    cache: dict = {}
+
+    def run(*keys):
+        def args(key):
+            overrides, nproc = key
+            name = "-".join(o.split("=")[1].replace(".", "_") for o in overrides) + f"-p{nproc}"
+            launcher = "torchrun" if len(overrides) % 2 else "accelerate"
+            return dict(config=config, output_dir=tmp / name, nproc=nproc, launcher=launcher,
+                        overrides=[*SGD, *overrides, *(["train.grad_accum=2"] if nproc == 2 else [])])
+        return launch_missing(cache, list(keys), args)
+    return config, run
+
+
+CELLS = [("mtl.backward=sum",), ("mtl.backward=per_task",), ("mtl.backward=alternate",),
+         ("mtl.backward=jacobian", "mtl.aggregator=upgrad"),
+         ("mtl.weighting=dwa", "mtl.weighting_args.window=2"), ("mtl.weighting=gradnorm",),
+         ("mtl.weighting=uncertainty",), ("mtl.weighting=famo",)]
+
+
+@pytest.mark.parametrize("overrides", CELLS, ids=lambda o: o[0].split("=")[1])
+def test_partially_labelled_diamonds_on_two_processes_equal_one(partial, overrides):
+    _, run = partial
+    one, two = run((overrides, 1), (overrides, 2))
+    assert_ranks_identical(two, 2)
+    assert_params_close(two, one, FP32_RTOL, overrides[0])
+    # the weighting saw the same global values: the same logged weights and losses at every step
+    rows1 = {m["step"]: m for m in one.metrics() if "loss/cut" in m}
+    rows2 = {m["step"]: m for m in two.metrics() if "loss/cut" in m}
+    assert rows1.keys() == rows2.keys() == set(range(1, 9))
+    rtol = 1e-5 if "famo" in overrides[0] else FP32_RTOL  # FAMO: differences of log-losses (3e-6 measured)
+    for step, row in rows1.items():
+        for key, value in row.items():
+            if key.startswith(("loss/", "weight/")):
+                assert rows2[step][key] == pytest.approx(value, rel=rtol, abs=1e-9), (step, key)
+
+
+def test_the_logged_loss_is_the_global_masked_mean_and_per_piece_averaging_is_not(partial):
+    """Step 1's logged loss of each task equals a hand computation from the initial parameters:
+    the sum of per-element losses over the labelled rows of global batch 0 divided by their count.
+    Averaging each (rank, micro-step) piece's own mean, as a per-rank trainer would, gives another
+    number whenever the counts differ, so the equivalence above would fail with it."""
+    config, run = partial
+    (one,) = run((("mtl.backward=sum",), 1))
+    from dist_mtl.config import load_config
+    from dist_mtl.data import GlobalBatchSampler, prepare
+    from dist_mtl.models import build_model
+
+    cfg = load_config(config, [], world_size=1)
+    group = prepare(cfg).groups[0]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, group.train.x.shape[1], {t.name: t.out_dim for t in group.tasks})
+    indices = GlobalBatchSampler(len(group.train), cfg.train.batch_size, cfg.seed).global_batch(0)
+    x, targets = group.train.batch(indices)
+    logged = next(m for m in one.metrics() if m.get("step") == 1)
+    with torch.no_grad():
+        outputs = model(x)
+        for task in group.tasks:
+            target, output = targets[task.name], outputs[task.name]
+            labelled = task.labelled(target)
+            per_element, _ = task.element_losses(output, target)
+            exact = float(per_element[labelled].double().sum() / labelled.sum())
+            assert logged[f"loss/{task.name}"] == pytest.approx(exact, rel=1e-6), task.name
+            # the 4 pieces of 2 ranks x 2 micro-steps: contiguous quarters of the global batch
+            quarters = [slice(i * len(target) // 4, (i + 1) * len(target) // 4) for i in range(4)]
+            pieces = [task.mean_loss(output[q], target[q]).item() for q in quarters]
+            counts = [int(labelled[q].sum()) for q in quarters]
+            if task.name == "cut":  # 40 % missing: the pieces hold different numbers of labels
+                assert len(set(counts)) > 1, counts
+                # 100x the tolerance of the equivalence: that test would fail with per-piece means
+                assert abs(sum(pieces) / 4 - exact) > 100 * FP32_RTOL * exact, (pieces, counts, exact)
+            if task.name == "color":  # fully labelled: no collective needed, the same mean either way
+                assert len(set(counts)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# token-level and pixel-level tasks, soft sharing
+
+
+@pytest.mark.parametrize("cell", ["tokens", "pixels"])
+def test_token_and_pixel_level_labels_with_padding_on_two_processes_equal_one(byo, cell):
+    one, two = byo((cell, ("mtl.backward=per_task",), 1, "accelerate"),
+                   (cell, ("mtl.backward=per_task", "train.grad_accum=2"), 2, "torchrun"))
+    assert_ranks_identical(two, 2)
+    assert_params_close(two, one, FP32_RTOL, cell)
+    metrics = one.json("final/eval.json")["metrics"]
+    expected = {"tokens": {"eval/tags/accuracy", "eval/label/accuracy"},
+                "pixels": {"eval/seg/accuracy", "eval/depth/mae"}}[cell]
+    assert expected <= set(metrics)
+
+
+@pytest.mark.parametrize("cell", ["mmoe", "cgc"])
+def test_soft_sharing_encoders_on_two_processes_equal_one_with_only_experts_shared(byo, cell):
+    one, two = byo((cell, ("mtl.backward=jacobian", "mtl.aggregator=upgrad"), 1, "accelerate"),
+                   (cell, ("mtl.backward=jacobian", "mtl.aggregator=upgrad", "train.grad_accum=2"), 2, "accelerate"))
+    assert_ranks_identical(two, 2)
+    assert_params_close(two, one, FP32_RTOL, cell)
+    # the Jacobian's columns are the experts everyone reads; gates and task experts go with their task
+    from byo_models import CELLS as MODELS
+
+    from dist_mtl.config import load_config
+
+    model = MODELS[cell](load_config(SMALL))["model"]
+    shared = {id(p) for p in model.shared_parameters()}
+    experts = model.encoder.experts if cell == "mmoe" else model.encoder.shared_experts
+    assert shared == {id(p) for p in experts.parameters()}
+    for task in ("a", "b"):
+        owned = {id(p) for p in model.head_parameters([task])}
+        assert {id(p) for p in model.encoder.gates[task].parameters()} <= owned and not owned & shared
+    info = json.loads((two.output_dir / "run.json").read_text())
+    assert info["world_size"] == 2
