@@ -16,6 +16,10 @@ checkpoint to ``.deleting-step_<N>`` before deleting it, for the same reason, an
 the new one is visible, so it never deletes the newest complete checkpoint. A write that fails
 (disk full) on any rank fails on every rank together (``CheckpointError``) and leaves the earlier
 checkpoints as they were. Assumes ``output_dir`` is on a filesystem every rank can see.
+
+Model files (here and ``final/model.safetensors``) are written by :func:`save_module` and read by
+:func:`load_module`: any dtype, shape or device, and tied weights (two names, one tensor) written
+once, with their other names in the file's metadata, and tied again on load.
 """
 
 from __future__ import annotations
@@ -26,18 +30,23 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from . import faults
 from .distributed import Distributed
 from .errors import ConfigError, RunFailed
+from .state import check_tensors, split_aliases
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+ALIASES_KEY = "dist_mtl.aliases"
+"""Metadata key of a safetensors file written here: JSON ``{name: name it is tied to}``."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -46,6 +55,90 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- tensor files: any dtype, shape or device; ties written once --------------------------------
+
+def save_tensors(tensors: Mapping[str, Tensor], path: Path | str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (any dtype, shape, layout or device) to the safetensors file ``path``.
+
+    A name that is the very same tensor as an earlier one (a tie) is not written again: it goes
+    into the metadata under ``ALIASES_KEY``, and :func:`load_tensors` gives it back as the same
+    tensor. The file is built in memory and written with a plain file write through a temporary
+    name: a full disk is then an OSError(ENOSPC), as for every other file of a checkpoint
+    (safetensors' own writer reports it as a SafetensorError, which a bug can raise too), at the
+    cost of one copy of the file in memory while writing, as ``optimizer.pt`` takes."""
+    check_tensors(tensors)
+    kept, aliases = split_aliases(tensors)
+    header = dict(metadata or {})
+    if aliases:
+        header[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    _write_bytes(Path(path), safetensors.torch.save(_unshared(kept), metadata=header or None))
+
+
+def load_tensors(path: Path | str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file on the CPU, each name recorded as tied to another (see
+    :func:`save_tensors`) holding that very tensor. Files without aliases read as they are."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def save_module(module: nn.Module, path: Path | str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``module.state_dict()`` (parameters and persistent buffers, named as in the
+    state_dict) to ``path``; each tied tensor once. Pass the unwrapped model, so the names do not
+    depend on DDP or the world size. safetensors' own ``load_model`` reads the file too."""
+    save_tensors(module.state_dict(), path, metadata)
+
+
+def load_module(module: nn.Module, path: Path | str) -> None:
+    """Load a file written by :func:`save_module` into ``module``, strictly (every name).
+
+    The values are copied into the module's own tensors, so its ties stay ties (one Parameter
+    under two names, not two copies), and its devices, dtypes and layouts stand. Into an untied
+    module, each name of a tie gets the same values."""
+    module.load_state_dict(load_tensors(path))
+
+
+def state_nbytes(module: nn.Module) -> int:
+    """Bytes that ``module``'s state takes in a model file: parameters and persistent buffers
+    (BatchNorm's statistics, a tokenizer's tables), each tied tensor once. The free-space check
+    counts this, not only ``parameters()``."""
+    state = module.state_dict()
+    check_tensors(state)
+    kept, _ = split_aliases(state)
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
+def _unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors that share no memory: safetensors refuses overlapping
+    ones. Ties are gone already (``split_aliases``); what may remain is an entry that is a view
+    of another's memory (a slice of it, a transpose), which gets its own copy."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
+def _write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename, so ``path`` is never a
+    half-written file (``final/`` has no partial directory around it). A failed write (OSError)
+    removes the temporary file, giving the space back."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -190,16 +283,15 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     written = [partial / f"rng_rank{dist.rank}.safetensors"]
-    save_file(rng, str(written[0]))
+    save_tensors(rng, written[0])
     if dist.is_main:
-        weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
         written.append(partial / "model.safetensors")
-        save_file(weights, str(written[-1]))
+        save_module(dist.accelerator.unwrap_model(model), written[-1])
         written.append(partial / "optimizer.pt")
         _torch_save(optimizer.state_dict(), written[-1])
         for name, group in tensors.items():
             written.append(partial / f"{name}.safetensors")
-            save_file({k: v.contiguous() for k, v in group.items()}, str(written[-1]))
+            save_tensors(group, written[-1])
         for name, obj in (objects or {}).items():
             written.append(partial / f"{name}.pt")
             _torch_save(obj, written[-1])
@@ -217,10 +309,11 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
 
 def _torch_save(obj, path: Path) -> None:
     """``torch.save`` through memory: written directly, a full disk surfaces as a bare RuntimeError
-    ("unexpected pos"); a plain file write raises OSError(ENOSPC) that says what happened."""
+    ("unexpected pos"), which a bug can raise too; a plain file write raises OSError(ENOSPC) that
+    says what happened."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    path.write_bytes(buffer.getbuffer())
+    _write_bytes(path, buffer.getbuffer())
 
 
 def _publish(root: Path, partial: Path, final: Path) -> None:
@@ -259,18 +352,18 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state, with
     the extra tensor groups under ``state["tensors"]``."""
     state = json.loads((path / STATE_FILE).read_text())
-    state["tensors"] = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")
+    state["tensors"] = {f.name[: -len(".safetensors")]: load_tensors(f) for f in path.glob("*.safetensors")
                         if f.name != "model.safetensors" and not f.name.startswith("rng_rank")}
     state["objects"] = {f.stem: torch.load(f, weights_only=True, map_location="cpu")
                         for f in path.glob("*.pt") if f.name != "optimizer.pt"}
-    dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+    load_module(dist.accelerator.unwrap_model(model), path / "model.safetensors")
     scaler = dist.accelerator.scaler
     if "scaler" in state and scaler is not None and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"
     if rng_file.is_file():
-        rng = load_file(str(rng_file))
+        rng = load_tensors(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

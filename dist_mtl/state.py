@@ -5,12 +5,11 @@ Users' models carry more than the float32 matrices of an MLP: BatchNorm's 0-dim 
 tied weights (HF ties the output layer to the input embedding; a module may sit in two places, so
 two state_dict names hold one storage). The helpers here take any of them:
 
-- :func:`tensor_bytes`: the raw bytes of any tensor (``view(torch.uint8)`` refuses a 0-dim
+- :func:`byte_view`: the raw bytes of any tensor (``view(torch.uint8)`` refuses a 0-dim
   tensor whose element is wider than a byte, and a non-contiguous one).
 - :func:`digest`: one hash over names, dtypes, shapes, bytes and ties, for bitwise comparisons.
 - :func:`split_aliases`: each tied tensor once, and the other names that refer to it
   (safetensors refuses to write tensors that share memory).
-- :func:`nbytes`: what a state takes on disk (buffers included, tied tensors once).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import hashlib
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def check_tensors(state: Mapping[str, object]) -> None:
@@ -30,7 +29,7 @@ def check_tensors(state: Mapping[str, object]) -> None:
         raise TypeError(f"dist_mtl checkpoints hold tensors only, but the model's state_dict has {', '.join(odd)}")
 
 
-def tensor_bytes(tensor: Tensor) -> Tensor:
+def byte_view(tensor: Tensor) -> Tensor:
     """The bytes of ``tensor`` as a 1-D CPU uint8 tensor, in row-major order, whatever its dtype,
     shape (0-dim too), layout in memory or device."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)  # at least 1-D: a 0-dim tensor cannot be viewed as bytes
@@ -79,16 +78,7 @@ def digest(state: Mapping[str, Tensor]) -> str:
         tensor = kept[name]
         # The name is NUL-terminated, and dtype and shape fix the byte count: the encoding is unambiguous.
         hasher.update(f"{name}\0{tensor.dtype}{tuple(tensor.shape)}\0".encode())
-        hasher.update(tensor_bytes(tensor).numpy())
+        hasher.update(byte_view(tensor).numpy())
     for alias in sorted(aliases):
         hasher.update(f"alias {alias}\0{aliases[alias]}\0".encode())
     return hasher.hexdigest()
-
-
-def nbytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s state_dict as a checkpoint stores it: parameters and persistent
-    buffers, each tied tensor once."""
-    state = module.state_dict()
-    check_tensors(state)
-    kept, _ = split_aliases(state)
-    return sum(t.numel() * t.element_size() for t in kept.values())
