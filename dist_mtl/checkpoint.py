@@ -14,8 +14,11 @@ and renamed to ``step_<N>`` by the main process only after every rank has writte
 crash mid-save never leaves a directory that ``resume=auto`` would pick. Rotation renames a
 checkpoint to ``.deleting-step_<N>`` before deleting it, for the same reason, and only runs after
 the new one is visible, so it never deletes the newest complete checkpoint. A write that fails
-(disk full) on any rank fails on every rank together (``CheckpointError``) and leaves the earlier
-checkpoints as they were. Assumes ``output_dir`` is on a filesystem every rank can see.
+for want of disk (an OSError: disk full, quota, I/O error) on any rank fails on every rank
+together (``CheckpointError``) and leaves the earlier checkpoints as they were. Any other error in
+a write is a bug: it is raised as itself on the rank where it happened and as ``OtherRankFailed``
+on the others, all together, and the run stops. Assumes ``output_dir`` is on a filesystem every
+rank can see.
 
 Model files (here and ``final/model.safetensors``) are written by :func:`save_module` and read by
 :func:`load_module`: any dtype, shape or device, and tied weights (two names, one tensor) written
@@ -30,8 +33,9 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -214,7 +218,26 @@ def damage(path: Path) -> str | None:
 
 
 class CheckpointError(RunFailed):
-    """A checkpoint could not be written (raised on every rank together); the previous ones stand."""
+    """A checkpoint could not be written for want of disk (raised on every rank together); the
+    previous ones stand."""
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank raised an error that is not a disk problem (a bug) while saving a checkpoint.
+    That rank raises its own error, with its traceback; this one stops with it, since a run
+    cannot go on without a rank."""
+
+
+class _Failure(NamedTuple):
+    """A failed part of a save on one rank, as every rank receives it: text only, since the
+    exception itself may not pickle (a pickling error is one of the bugs)."""
+
+    rank: int
+    bug: bool
+    """True for anything but an OSError: not a disk problem, so the run must not go on."""
+    what: str
+    """What did not happen: "not written", "not published", ..."""
+    text: str
 
 
 def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
@@ -226,44 +249,81 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
     parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``; each
     ``texts[name]`` (the resolved config) to the file ``name``.
 
-    If any rank cannot write its part (disk full, quota, I/O error), every rank raises
-    ``CheckpointError`` together, the partial directory is removed and nothing else is touched."""
+    Every rank learns every other rank's outcome before raising, so no rank is left waiting in a
+    collective: if any rank cannot write its part (an OSError: disk full, quota, I/O error), every
+    rank raises ``CheckpointError``; if any rank raised anything else (a bug), that rank raises it
+    and the others raise ``OtherRankFailed``. Either way the partial directory is removed and
+    nothing else is touched."""
     final = root / f"step_{step}"
     partial = root / f".partial-step_{step}"
-    error = None
+    failure, error = None, None
     if dist.is_main:
-        error = _attempt(lambda: _prepare(root, partial), root.parent)
-    error = dist.broadcast_object(error)
-    if error is None:
-        error = _attempt(lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors, objects, texts),
-                         root.parent)
+        failure, error = _attempt(dist, lambda: _prepare(root, partial), root.parent, "not written")
+    failures = _failures([dist.broadcast_object(failure)])
+    if not failures:
+        failure, error = _attempt(dist, lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors,
+                                                             objects, texts), root.parent, "not written")
         faults.during_save(step, dist.rank)
-    errors = [e for e in dist.all_gather_object(error) if e is not None]  # every rank's files are on disk
-    if dist.is_main:
-        if errors:
-            shutil.rmtree(partial, ignore_errors=True)  # give the space back; older checkpoints stay
-        else:
-            _publish(root, partial, final)
-            _rotate(root, keep)
-    dist.barrier()
-    if errors:
-        raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}")
+        failures = _failures(dist.all_gather_object(failure))  # every rank's files are on disk
+    settled, settle_error = _settle(dist, root, partial, final, keep, failures) if dist.is_main else (None, None)
+    failures += _failures([dist.broadcast_object(settled)])  # the publishing's outcome; also a barrier
+    _raise_failures(step, failures, error or settle_error)
     return final
 
 
-def _attempt(write, where: Path) -> str | None:
-    """Run ``write``; a failure to write becomes a one-line description (shared with every rank),
-    with the free space left."""
+def _settle(dist: Distributed, root: Path, partial: Path, final: Path, keep: int,
+            failures: list[_Failure]) -> tuple[_Failure | None, Exception | None]:
+    """On the main process, once every rank has reported: give the space back if any rank failed
+    (the older checkpoints stay), else publish the checkpoint and rotate. Returns ``_attempt``'s
+    outcome of the publishing, for every rank to hear of."""
+    if failures:
+        shutil.rmtree(partial, ignore_errors=True)
+        return None, None
+    failure, error = _attempt(dist, lambda: _publish(root, partial, final), root.parent, "not published")
+    if failure is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+        return failure, error
+    return _attempt(dist, lambda: _rotate(root, keep), root.parent, "written, but older checkpoints not rotated")
+
+
+def _failures(outcomes: list[_Failure | None]) -> list[_Failure]:
+    return [f for f in outcomes if f is not None]
+
+
+def _attempt(dist: Distributed, write: Callable[[], None], where: Path,
+             what: str) -> tuple[_Failure | None, Exception | None]:
+    """Run ``write``; returns ``(failure, error)``, both None if it worked.
+
+    An OSError (disk full, quota, I/O error: every file here is written with plain file writes,
+    so that is how a full disk shows) becomes a one-line description with the free space left.
+    Anything else is a bug: described too, and returned, for this rank to raise once every rank
+    knows (raising at once would leave the others waiting in the next collective)."""
     try:
         write()
-    except (OSError, RuntimeError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+    except OSError as e:
+        reason = e.strerror if e.strerror else " ".join(str(e).split())[:200]
         try:
             free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
         except OSError:
             free = "free space unknown"
-        return f"{reason} ({free} in {where})"
-    return None
+        return _Failure(dist.rank, False, what, f"{reason} ({free} in {where})"), None
+    except Exception as e:  # a bug: raised by _raise_failures on this rank, after every rank heard of it
+        return _Failure(dist.rank, True, what, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), e
+    return None, None
+
+
+def _raise_failures(step: int, failures: list[_Failure], error: Exception | None) -> None:
+    """Raise, on every rank alike, what ``failures`` (every rank's, in rank order) call for: this
+    rank's own bug as itself (traceback and all), another rank's bug as ``OtherRankFailed``, and
+    failures to write alone as ``CheckpointError``."""
+    if error is not None:
+        raise error
+    bugs = [f for f in failures if f.bug]
+    if bugs:
+        raise OtherRankFailed(f"rank {bugs[0].rank} failed, so the checkpoint of step {step} was {bugs[0].what}: "
+                              f"{bugs[0].text}")
+    if failures:
+        raise CheckpointError(f"checkpoint of step {step} {failures[0].what}: {failures[0].text}")
 
 
 def _prepare(root: Path, partial: Path) -> None:

@@ -217,6 +217,110 @@ def test_the_final_model_holds_tied_weights(dist, tmp_path):
     assert_same_state(model, other)
 
 
+# -- a bug is not a full disk --------------------------------------------------------------------
+
+def _saved_once(dist: Distributed, tmp_path: Path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(dist, tmp_path / "checkpoints", 5, model, optimizer, {}, {}, 0)
+    return model, optimizer
+
+
+def _assert_only_step_5(root: Path) -> None:
+    """The failed save left nothing behind and touched nothing."""
+    assert sorted(p.name for p in root.iterdir()) == ["step_5"]
+    assert [step for step, _ in complete_checkpoints(root)] == [5]
+
+
+@pytest.mark.parametrize("bug", [ValueError("bug"), RuntimeError("bug")], ids=type)
+def test_a_bug_inside_a_checkpoint_write_is_raised_as_itself(dist, tmp_path, monkeypatch, bug):
+    """A RuntimeError is a bug too: it must not read as "not written (N MiB free)", after which
+    training would go on without checkpoints."""
+    model, optimizer = _saved_once(dist, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(type(bug)) as raised:
+        checkpoint.save(dist, tmp_path / "checkpoints", 10, model, optimizer, {}, {}, 0)
+    assert raised.value is bug and not isinstance(raised.value, CheckpointError)
+    _assert_only_step_5(tmp_path / "checkpoints")
+
+
+def test_an_object_that_cannot_be_pickled_is_raised_as_itself(dist, tmp_path):
+    model, optimizer = _saved_once(dist, tmp_path)
+    with pytest.raises(Exception, match="pickle") as raised:
+        checkpoint.save(dist, tmp_path / "checkpoints", 10, model, optimizer, {}, {}, 0,
+                        objects={"weighting": {"schedule": lambda step: step}})
+    assert not isinstance(raised.value, CheckpointError)
+    _assert_only_step_5(tmp_path / "checkpoints")
+
+
+def test_a_full_disk_is_still_a_checkpoint_error(dist, tmp_path, monkeypatch):
+    model, optimizer = _saved_once(dist, tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 10 not written: No space left on device \(.* MiB free"):
+        checkpoint.save(dist, tmp_path / "checkpoints", 10, model, optimizer, {}, {}, 0)
+    _assert_only_step_5(tmp_path / "checkpoints")
+
+
+TWO_RANKS = textwrap.dedent("""
+    import errno, sys
+    from pathlib import Path
+    import torch
+    from dist_mtl import checkpoint
+    from dist_mtl.distributed import Distributed
+
+    out = Path(sys.argv[1])
+    dist = Distributed.create(timeout_s=20)
+    assert dist.world_size == 2, dist.world_size
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(dist, out / "checkpoints", 5, model, optimizer, {}, {}, 0)
+    real = torch.get_rng_state
+    for step, failure in [(10, OSError(errno.ENOSPC, "No space left on device")), (15, ValueError("bug on rank 1"))]:
+        def broken():
+            raise failure
+        if dist.rank == 1:  # rank 1 writes only its RNG state
+            torch.get_rng_state = broken
+        try:
+            checkpoint.save(dist, out / "checkpoints", step, model, optimizer, {}, {}, 0)
+            outcome = "saved"
+        except Exception as e:
+            outcome = f"{type(e).__name__}: {e}"
+        torch.get_rng_state = real
+        (out / f"step{step}_rank{dist.rank}.txt").write_text(outcome)
+    dist.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank_together_as_what_it_is(tmp_path):
+    """Two real gloo ranks; rank 1's part of the write fails. A full disk: a CheckpointError on
+    both. A bug: rank 1 raises it, rank 0 raises an error naming rank 1 and the bug; neither
+    waits in a collective for the other (the collective timeout is 20 s)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          env=child_env(PYTHONPATH=str(REPO)), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = {name: (tmp_path / f"{name}.txt").read_text() for name in
+               ("step10_rank0", "step10_rank1", "step15_rank0", "step15_rank1")}
+    for rank in (0, 1):
+        assert outcome[f"step10_rank{rank}"].startswith(
+            "CheckpointError: checkpoint of step 10 not written: No space left on device"), outcome
+    assert outcome["step15_rank1"] == "ValueError: bug on rank 1", outcome
+    assert outcome["step15_rank0"].startswith("OtherRankFailed: "), outcome
+    assert "rank 1" in outcome["step15_rank0"] and "ValueError: bug on rank 1" in outcome["step15_rank0"], outcome
+    _assert_only_step_5(tmp_path / "checkpoints")
+
+
 # -- the free-space estimate ---------------------------------------------------------------------
 
 def test_the_bytes_of_a_module_state_count_buffers_and_tied_tensors_once():
