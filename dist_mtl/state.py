@@ -5,8 +5,8 @@ Users' models carry more than the float32 matrices of an MLP: BatchNorm's 0-dim 
 tied weights (HF ties the output layer to the input embedding; a module may sit in two places, so
 two state_dict names hold one storage). The helpers here take any of them:
 
-- :func:`byte_view`: the raw bytes of any tensor (``view(torch.uint8)`` refuses a 0-dim
-  tensor whose element is wider than a byte, and a non-contiguous one).
+- :func:`byte_view`: the raw bytes of any tensor (``view(torch.uint8)`` alone refuses a 0-dim
+  tensor whose element is wider than a byte, and one whose last dimension is strided).
 - :func:`digest`: one hash over names, dtypes, shapes, bytes and ties, for bitwise comparisons.
 - :func:`split_aliases`: each tied tensor once, and the other names that refer to it
   (safetensors refuses to write tensors that share memory).
@@ -26,7 +26,7 @@ def check_tensors(state: Mapping[str, object]) -> None:
     safetensors files hold tensors only, and silently leaving it out would break exact resume."""
     odd = [f"{name} ({type(value).__name__})" for name, value in state.items() if not isinstance(value, Tensor)]
     if odd:
-        raise TypeError(f"dist_mtl checkpoints hold tensors only, but the model's state_dict has {', '.join(odd)}")
+        raise TypeError(f"dist_mtl's checkpoints and digests hold tensors only; not a tensor: {', '.join(odd)}")
 
 
 def byte_view(tensor: Tensor) -> Tensor:
