@@ -14,8 +14,15 @@ and renamed to ``step_<N>`` by the main process only after every rank has writte
 crash mid-save never leaves a directory that ``resume=auto`` would pick. Rotation renames a
 checkpoint to ``.deleting-step_<N>`` before deleting it, for the same reason, and only runs after
 the new one is visible, so it never deletes the newest complete checkpoint. A write that fails
-(disk full) on any rank fails on every rank together (``CheckpointError``) and leaves the earlier
-checkpoints as they were. Assumes ``output_dir`` is on a filesystem every rank can see.
+for want of disk (an OSError: disk full, quota, I/O error) on any rank fails on every rank
+together (``CheckpointError``) and leaves the earlier checkpoints as they were. Any other error in
+a write is a bug: it is raised as itself on the rank where it happened and as ``OtherRankFailed``
+on the others, all together, and the run stops. Assumes ``output_dir`` is on a filesystem every
+rank can see.
+
+Model files (here and ``final/model.safetensors``) are written by :func:`save_module` and read by
+:func:`load_module`: any dtype, shape or device, and tied weights (two names, one tensor) written
+once, with their other names in the file's metadata, and tied again on load.
 """
 
 from __future__ import annotations
@@ -26,18 +33,24 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from . import faults
 from .distributed import Distributed
 from .errors import ConfigError, RunFailed
+from .state import check_tensors, split_aliases
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+ALIASES_KEY = "dist_mtl.aliases"
+"""Metadata key of a safetensors file written here: JSON ``{name: name it is tied to}``."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -46,6 +59,90 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- tensor files: any dtype, shape or device; ties written once --------------------------------
+
+def save_tensors(tensors: Mapping[str, Tensor], path: Path | str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (any dtype, shape, layout or device) to the safetensors file ``path``.
+
+    A name that is the very same tensor as an earlier one (a tie) is not written again: it goes
+    into the metadata under ``ALIASES_KEY``, and :func:`load_tensors` gives it back as the same
+    tensor. The file is built in memory and written with a plain file write through a temporary
+    name: a full disk is then an OSError(ENOSPC), as for every other file of a checkpoint
+    (safetensors' own writer reports it as a SafetensorError, which a bug can raise too), at the
+    cost of one copy of the file in memory while writing, as ``optimizer.pt`` takes."""
+    check_tensors(tensors)
+    kept, aliases = split_aliases(tensors)
+    header = dict(metadata or {})
+    if aliases:
+        header[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    _write_bytes(Path(path), safetensors.torch.save(_unshared(kept), metadata=header or None))
+
+
+def load_tensors(path: Path | str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file on the CPU, each name recorded as tied to another (see
+    :func:`save_tensors`) holding that very tensor. Files without aliases read as they are."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def save_module(module: nn.Module, path: Path | str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``module.state_dict()`` (parameters and persistent buffers, named as in the
+    state_dict) to ``path``; each tied tensor once. Pass the unwrapped model, so the names do not
+    depend on DDP or the world size. safetensors' own ``load_model`` reads the file too."""
+    save_tensors(module.state_dict(), path, metadata)
+
+
+def load_module(module: nn.Module, path: Path | str) -> None:
+    """Load a file written by :func:`save_module` into ``module``, strictly (every name).
+
+    The values are copied into the module's own tensors, so its ties stay ties (one Parameter
+    under two names, not two copies), and its devices, dtypes and layouts stand. Into an untied
+    module, each name of a tie gets the same values."""
+    module.load_state_dict(load_tensors(path))
+
+
+def state_nbytes(module: nn.Module) -> int:
+    """Bytes that ``module``'s state takes in a model file: parameters and persistent buffers
+    (BatchNorm's statistics, a tokenizer's tables), each tied tensor once. The free-space check
+    counts this, not only ``parameters()``."""
+    state = module.state_dict()
+    check_tensors(state)
+    kept, _ = split_aliases(state)
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
+def _unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors that share no memory: safetensors refuses overlapping
+    ones. Ties are gone already (``split_aliases``); what may remain is an entry that is a view
+    of another's memory (a slice of it, a transpose), which gets its own copy."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
+def _write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename, so ``path`` is never a
+    half-written file (``final/`` has no partial directory around it). A failed write (OSError)
+    removes the temporary file, giving the space back."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -121,7 +218,26 @@ def damage(path: Path) -> str | None:
 
 
 class CheckpointError(RunFailed):
-    """A checkpoint could not be written (raised on every rank together); the previous ones stand."""
+    """A checkpoint could not be written for want of disk (raised on every rank together); the
+    previous ones stand."""
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank raised an error that is not a disk problem (a bug) while saving a checkpoint.
+    That rank raises its own error, with its traceback; this one stops with it, since a run
+    cannot go on without a rank."""
+
+
+class _Failure(NamedTuple):
+    """A failed part of a save on one rank, as every rank receives it: text only, since the
+    exception itself may not pickle (a pickling error is one of the bugs)."""
+
+    rank: int
+    bug: bool
+    """True for anything but an OSError: not a disk problem, so the run must not go on."""
+    what: str
+    """What did not happen: "not written", "not published", ..."""
+    text: str
 
 
 def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict,
@@ -133,44 +249,81 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
     parameters and its optimizer) to ``<name>.pt``, read back with ``weights_only=True``; each
     ``texts[name]`` (the resolved config) to the file ``name``.
 
-    If any rank cannot write its part (disk full, quota, I/O error), every rank raises
-    ``CheckpointError`` together, the partial directory is removed and nothing else is touched."""
+    Every rank learns every other rank's outcome before raising, so no rank is left waiting in a
+    collective: if any rank cannot write its part (an OSError: disk full, quota, I/O error), every
+    rank raises ``CheckpointError``; if any rank raised anything else (a bug), that rank raises it
+    and the others raise ``OtherRankFailed``. Either way the partial directory is removed and
+    nothing else is touched."""
     final = root / f"step_{step}"
     partial = root / f".partial-step_{step}"
-    error = None
+    failure, error = None, None
     if dist.is_main:
-        error = _attempt(lambda: _prepare(root, partial), root.parent)
-    error = dist.broadcast_object(error)
-    if error is None:
-        error = _attempt(lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors, objects, texts),
-                         root.parent)
+        failure, error = _attempt(dist, lambda: _prepare(root, partial), root.parent, "not written")
+    failures = _failures([dist.broadcast_object(failure)])
+    if not failures:
+        failure, error = _attempt(dist, lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors,
+                                                             objects, texts), root.parent, "not written")
         faults.during_save(step, dist.rank)
-    errors = [e for e in dist.all_gather_object(error) if e is not None]  # every rank's files are on disk
-    if dist.is_main:
-        if errors:
-            shutil.rmtree(partial, ignore_errors=True)  # give the space back; older checkpoints stay
-        else:
-            _publish(root, partial, final)
-            _rotate(root, keep)
-    dist.barrier()
-    if errors:
-        raise CheckpointError(f"checkpoint of step {step} not written: {errors[0]}")
+        failures = _failures(dist.all_gather_object(failure))  # every rank's files are on disk
+    settled, settle_error = _settle(dist, root, partial, final, keep, failures) if dist.is_main else (None, None)
+    failures += _failures([dist.broadcast_object(settled)])  # the publishing's outcome; also a barrier
+    _raise_failures(step, failures, error or settle_error)
     return final
 
 
-def _attempt(write, where: Path) -> str | None:
-    """Run ``write``; a failure to write becomes a one-line description (shared with every rank),
-    with the free space left."""
+def _settle(dist: Distributed, root: Path, partial: Path, final: Path, keep: int,
+            failures: list[_Failure]) -> tuple[_Failure | None, Exception | None]:
+    """On the main process, once every rank has reported: give the space back if any rank failed
+    (the older checkpoints stay), else publish the checkpoint and rotate. Returns ``_attempt``'s
+    outcome of the publishing, for every rank to hear of."""
+    if failures:
+        shutil.rmtree(partial, ignore_errors=True)
+        return None, None
+    failure, error = _attempt(dist, lambda: _publish(root, partial, final), root.parent, "not published")
+    if failure is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+        return failure, error
+    return _attempt(dist, lambda: _rotate(root, keep), root.parent, "written, but older checkpoints not rotated")
+
+
+def _failures(outcomes: list[_Failure | None]) -> list[_Failure]:
+    return [f for f in outcomes if f is not None]
+
+
+def _attempt(dist: Distributed, write: Callable[[], None], where: Path,
+             what: str) -> tuple[_Failure | None, Exception | None]:
+    """Run ``write``; returns ``(failure, error)``, both None if it worked.
+
+    An OSError (disk full, quota, I/O error: every file here is written with plain file writes,
+    so that is how a full disk shows) becomes a one-line description with the free space left.
+    Anything else is a bug: described too, and returned, for this rank to raise once every rank
+    knows (raising at once would leave the others waiting in the next collective)."""
     try:
         write()
-    except (OSError, RuntimeError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+    except OSError as e:
+        reason = e.strerror if e.strerror else " ".join(str(e).split())[:200]
         try:
             free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
         except OSError:
             free = "free space unknown"
-        return f"{reason} ({free} in {where})"
-    return None
+        return _Failure(dist.rank, False, what, f"{reason} ({free} in {where})"), None
+    except Exception as e:  # a bug: raised by _raise_failures on this rank, after every rank heard of it
+        return _Failure(dist.rank, True, what, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), e
+    return None, None
+
+
+def _raise_failures(step: int, failures: list[_Failure], error: Exception | None) -> None:
+    """Raise, on every rank alike, what ``failures`` (every rank's, in rank order) call for: this
+    rank's own bug as itself (traceback and all), another rank's bug as ``OtherRankFailed``, and
+    failures to write alone as ``CheckpointError``."""
+    if error is not None:
+        raise error
+    bugs = [f for f in failures if f.bug]
+    if bugs:
+        raise OtherRankFailed(f"rank {bugs[0].rank} failed, so the checkpoint of step {step} was {bugs[0].what}: "
+                              f"{bugs[0].text}")
+    if failures:
+        raise CheckpointError(f"checkpoint of step {step} {failures[0].what}: {failures[0].text}")
 
 
 def _prepare(root: Path, partial: Path) -> None:
@@ -190,16 +343,15 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     written = [partial / f"rng_rank{dist.rank}.safetensors"]
-    save_file(rng, str(written[0]))
+    save_tensors(rng, written[0])
     if dist.is_main:
-        weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
         written.append(partial / "model.safetensors")
-        save_file(weights, str(written[-1]))
+        save_module(dist.accelerator.unwrap_model(model), written[-1])
         written.append(partial / "optimizer.pt")
         _torch_save(optimizer.state_dict(), written[-1])
         for name, group in tensors.items():
             written.append(partial / f"{name}.safetensors")
-            save_file({k: v.contiguous() for k, v in group.items()}, str(written[-1]))
+            save_tensors(group, written[-1])
         for name, obj in (objects or {}).items():
             written.append(partial / f"{name}.pt")
             _torch_save(obj, written[-1])
@@ -217,10 +369,11 @@ def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, 
 
 def _torch_save(obj, path: Path) -> None:
     """``torch.save`` through memory: written directly, a full disk surfaces as a bare RuntimeError
-    ("unexpected pos"); a plain file write raises OSError(ENOSPC) that says what happened."""
+    ("unexpected pos"), which a bug can raise too; a plain file write raises OSError(ENOSPC) that
+    says what happened."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    path.write_bytes(buffer.getbuffer())
+    _write_bytes(path, buffer.getbuffer())
 
 
 def _publish(root: Path, partial: Path, final: Path) -> None:
@@ -259,18 +412,18 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state, with
     the extra tensor groups under ``state["tensors"]``."""
     state = json.loads((path / STATE_FILE).read_text())
-    state["tensors"] = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")
+    state["tensors"] = {f.name[: -len(".safetensors")]: load_tensors(f) for f in path.glob("*.safetensors")
                         if f.name != "model.safetensors" and not f.name.startswith("rng_rank")}
     state["objects"] = {f.stem: torch.load(f, weights_only=True, map_location="cpu")
                         for f in path.glob("*.pt") if f.name != "optimizer.pt"}
-    dist.accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+    load_module(dist.accelerator.unwrap_model(model), path / "model.safetensors")
     scaler = dist.accelerator.scaler
     if "scaler" in state and scaler is not None and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"
     if rng_file.is_file():
-        rng = load_file(str(rng_file))
+        rng = load_tensors(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

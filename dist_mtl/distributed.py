@@ -8,7 +8,6 @@ rank-consistency check. Other modules ask it questions; they never read RANK the
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -19,6 +18,7 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from .errors import DataError, UsageError
+from .state import digest
 
 T = TypeVar("T")
 
@@ -236,12 +236,10 @@ class Distributed:
 
     # -- consistency ---------------------------------------------------------------------------
     def parameter_digests(self, model: nn.Module) -> list[str]:
-        """SHA-256 of every rank's parameter bytes, gathered on all ranks (a bitwise comparison)."""
-        digest = hashlib.sha256()
-        for name, param in sorted(self.accelerator.unwrap_model(model).state_dict().items()):
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return self.all_gather_object(digest.hexdigest())
+        """Every rank's digest of its unwrapped model's state (parameters and buffers, any dtype,
+        shape or device; names, dtypes, shapes and ties included), gathered on all ranks: equal
+        digests mean bitwise-equal replicas (see ``dist_mtl.state.digest``)."""
+        return self.all_gather_object(digest(self.accelerator.unwrap_model(model).state_dict()))
 
     def check_consistent(self, model: nn.Module, step: int) -> list[str]:
         """Raise if any rank's parameters differ bitwise from rank 0's; return the digests."""
