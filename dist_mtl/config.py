@@ -750,6 +750,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"must be a non-empty list of positive widths, got {m.hidden}")
     _require(all(h > 0 for h in m.head_hidden), "model.head_hidden", f"widths must be positive, got {m.head_hidden}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.sync_batchnorm and world_size > 1:
+        import torch
+
+        _require(torch.cuda.is_available(), "model.sync_batchnorm", "SyncBatchNorm needs GPUs: DDP refuses it on "
+                 "CPU processes; on CPU use GroupNorm or LayerNorm for a run that matches 1 process exactly")
 
     mtl = cfg.mtl
     _check_name(mtl.backward, BACKWARDS, "mtl.backward")

@@ -187,6 +187,16 @@ class Distributed:
         n = tensor.numel()
         return -both[n:].view_as(tensor), both[:n].view_as(tensor)
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank. Each rank updates them from
+        its own batches, and DDP only broadcasts rank 0's at its next forward; so before evaluating,
+        saving or comparing replicas every rank takes rank 0's, as DDP would. One broadcast per
+        buffer; nothing for a model without buffers, or on one process."""
+        if not self.distributed:
+            return
+        for buffer in self.accelerator.unwrap_model(model).buffers():
+            torch_dist.broadcast(buffer.data, src=0)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.distributed:
             return [obj]

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import __version__, checkpoint, faults, preemption, rundir
@@ -80,6 +79,9 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
     if any(w.needs_task_grads for w in schedule_weightings(cfg)):  # GradNorm: the last layer the features pass
         model.find_last_layer(loader.micro_batches(0, 0, 1, 1, [t.name for t in data.tasks], torch.device("cpu"))[0][0][0])
     optimizer = build_optimizer(cfg.train, model)
+    if dist.is_main:
+        for warning in exactness_warnings(model, cfg, dist.world_size):
+            print(f"dist-mtl: warning: {warning}", file=sys.stderr, flush=True)
     _check_free_space(dist, run_dir, cfg.train, model)
     # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
     # num_processes times, making the schedule depend on the world size.
@@ -134,6 +136,12 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
                                 probe=probe)
         except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
             failure = e
+        except RuntimeError as e:
+            if "find_unused_parameters" in str(e):  # DDP's reducer, on every rank alike: a config matter
+                raise ConfigError("train.find_unused_parameters", "the model has parameters that the forward pass "
+                                  "did not use, which DDP (mtl.backward: sum) cannot reduce; set "
+                                  "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
+            raise
         for event in guard.take_events():
             tracker.log_event("nonfinite", event)
         if failure:
@@ -167,14 +175,17 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
             progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                   "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
+            dist.sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
             final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
             tracker.log({"step": done, **final_eval})
         faults.maybe_inject(done, dist.rank, model)
         if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
+            dist.sync_buffers(model)
             dist.check_consistent(model, done)
         stop = signals.should_stop(done) if done < cfg.train.max_steps else None
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
             try:
+                dist.sync_buffers(model)
                 checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
                                 {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
                                  "nonfinite_skipped": guard.skipped},
@@ -207,6 +218,7 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
             raise failure
         outcome = preemption.requeue(dist.is_main, stop)
         raise preemption.Preempted(f"{stop} received: stopped after step {done} and checkpointed it; {outcome}")
+    dist.sync_buffers(model)
     if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
         final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
 
@@ -330,13 +342,33 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
             raise UsageError(f"fit(model=...): the model has no head for task {missing[0]!r}" if missing else
                              f"fit(model=...): the model has a head for {extra[0]!r}, which is not a task")
     model.check_partition()
-    if cfg.model.sync_batchnorm:
+    if cfg.model.sync_batchnorm:  # (refused on several CPU processes by the config's validation)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
 ENCODER_PATHS = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC"}
 """Registered encoders besides ``mlp`` (built from their ``init_args``)."""
+
+
+def exactness_warnings(model: nn.Module, cfg: Config, world_size: int) -> list[str]:
+    """Where this run leaves the N = 1 guarantee by design, said once at start-up: BatchNorm's batch
+    statistics are per process and per micro-batch (exact only as SyncBatchNorm without
+    accumulation), and dropout draws its masks per rank (equal in distribution only)."""
+    warnings = []
+    split = world_size > 1 or cfg.train.grad_accum > 1
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    synced = all(isinstance(m, nn.SyncBatchNorm) for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if norms and split and not (synced and cfg.train.grad_accum == 1):
+        warnings.append(f"the model has {len(norms)} BatchNorm layer(s): their batch statistics are those of each "
+                        "process's micro-batch, so this run matches a 1-process run only approximately; for an exact "
+                        "match use model.sync_batchnorm=true with train.grad_accum=1, or GroupNorm/LayerNorm")
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropouts and split:
+        warnings.append(f"the model has {len(dropouts)} dropout layer(s): each process draws its own masks, so this "
+                        "run matches a 1-process run in distribution, not in value")
+    return warnings
 
 
 def schedule_weightings(cfg: Config) -> list[type]:
@@ -638,12 +670,14 @@ def _check_output_dir(run_dir: Path) -> None:
 def _check_free_space(dist: Distributed, run_dir: Path, t: TrainConfig, model: nn.Module) -> None:
     """Refuse (exit 2, before training) an output_dir whose free space cannot hold one checkpoint
     plus the final model: the weights, the optimizer's state (AdamW: 2 per weight) and the final
-    copy, estimated from the parameter count. Decided on the main process for every rank."""
+    copy, estimated from the state's size (parameters and buffers) and the parameter count.
+    Decided on the main process for every rank."""
     error = None
     if dist.is_main:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = checkpoint.state_nbytes(model)  # parameters and buffers, tied ones once: the model files
+        params = sum(p.numel() * p.element_size() for p in model.parameters())  # what optimizer state scales with
         states = 2 if t.optimizer == "adamw" else (1 if t.momentum else 0)
-        needed = weights * (2 + states) + 2**16  # + 64 KiB for logs, configs and small states
+        needed = 2 * weights + states * params + 2**16  # + 64 KiB for logs, configs and small states
         free = shutil.disk_usage(run_dir).free
         error = (None if free >= needed else
                  f"{run_dir} has {free / 2**20:.1f} MiB free, but a checkpoint and the final model need about "
@@ -710,7 +744,7 @@ def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: Multi
                  final_eval: dict[str, float]) -> None:
     final = run_dir / "final"
     final.mkdir(exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in dist.accelerator.unwrap_model(model).state_dict().items()}
-    save_file(weights, str(final / "model.safetensors"), metadata={"dist_mtl": __version__})
+    checkpoint.save_module(dist.accelerator.unwrap_model(model), final / "model.safetensors",
+                           metadata={"dist_mtl": __version__})
     _atomic_json(final / "preprocessing.json", data.preprocessing)
     _atomic_json(final / "eval.json", {"metrics": final_eval, "baselines": data.baselines})

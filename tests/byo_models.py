@@ -219,5 +219,60 @@ def soft_sharing(kind: str):
     return make
 
 
+# -- what real models carry: BatchNorm, tied weights, a module the forward never uses -------------
+
+
+class NormEncoder(nn.Module):
+    """(B, 16) -> (B, 8) through BatchNorm1d (a 0-dim int64 buffer, running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.out_dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.lin(x)))
+
+
+class TiedEncoder(nn.Module):
+    """(B, 16) -> (B, 16): a projection down and back up with the transposed, tied weight (as HF
+    models tie their input and output embeddings): one Parameter under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Linear(16, 6, bias=False)
+        self.up = nn.Linear(6, 16, bias=False)
+        self.up.weight = self.down.weight  # tied (shapes: the up projection uses it transposed)
+        self.out_dim = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.tanh(x @ self.down.weight.T) @ self.up.weight)
+
+
+class PoolerEncoder(nn.Module):
+    """(B, 16) -> (B, 8), with a ``pooler`` registered last that the forward never runs (HF models
+    build one whether or not it is used)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 8)
+        self.pooler = nn.Linear(8, 8)
+        self.out_dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(x))
+
+
+def real(encoder_class):
+    def make(cfg) -> dict:
+        torch.manual_seed(cfg.seed)
+        encoder = encoder_class()
+        model = dist_mtl.MultiTaskModel(encoder, {"a": nn.Linear(encoder.out_dim, 1), "b": nn.Linear(encoder.out_dim, 1)})
+        tasks = [dist_mtl.Task("a", kind="regression", target="a"), dist_mtl.Task("b", kind="regression", target="b")]
+        return dict(model=model, tasks=tasks, train_data=Table(96, 0), val_data=Table(32, 1))
+    return make
+
+
 CELLS = {"custom": custom, "tokens": tokens, "pixels": pixels, "mmoe": soft_sharing("mmoe"),
-         "cgc": soft_sharing("cgc")}
+         "cgc": soft_sharing("cgc"), "bn": real(NormEncoder), "tied": real(TiedEncoder), "unused": real(PoolerEncoder)}

@@ -211,3 +211,69 @@ def test_soft_sharing_encoders_on_two_processes_equal_one_with_only_experts_shar
         assert {id(p) for p in model.encoder.gates[task].parameters()} <= owned and not owned & shared
     info = json.loads((two.output_dir / "run.json").read_text())
     assert info["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# what real models carry
+
+
+def test_batchnorm_trains_to_the_end_and_says_where_the_guarantee_stops(byo):
+    """A BatchNorm1d encoder (a 0-dim int64 buffer) used to crash after its last step while hashing
+    the parameters, leaving no final/. Its statistics are per process and micro-batch, which the
+    start-up warning says; SyncBatchNorm, the exact form, needs GPUs (DDP refuses it on CPU), so on
+    CPU the config asking for it is refused with one line."""
+    from conftest import launch
+
+    (plain,) = byo(("bn", ("train.grad_accum=2",), 2, "torchrun"))
+    assert (plain.output_dir / "final/model.safetensors").is_file()
+    assert_ranks_identical(plain, 2)  # approximate across world sizes, still identical across ranks
+    assert plain.stderr.count("dist-mtl: warning: the model has 1 BatchNorm layer(s)") == 1
+    synced = launch(plain.output_dir.parent / "small.yaml", plain.output_dir.parent / "synced",
+                    [*SGD, "model.sync_batchnorm=true"], nproc=2, script=[*SCRIPT, "bn"])
+    assert synced.returncode != 0 and "ConfigError: model.sync_batchnorm: SyncBatchNorm needs GPUs" in synced.stderr
+    assert not (synced.output_dir / "run.json").exists()  # refused before anything started
+
+
+def test_tied_weights_checkpoint_and_resume_bitwise_with_the_tie_intact(byo, tmp_path):
+    """One Parameter under two names (encoder.down.weight, encoder.up.weight): safetensors refuses
+    shared tensors, which used to fail every checkpoint (reported as a full disk) and the final model."""
+    (reference,) = byo(("tied", ("train.checkpoint_every=3",), 1, "accelerate"))
+    from conftest import launch
+
+    out = tmp_path / "killed"
+    config = reference.output_dir.parent / "small.yaml"
+    killed = launch(config, out, [*SGD, "train.checkpoint_every=3"], script=[*SCRIPT, "tied"],
+                    env={"DIST_MTL_FAULT": "kill@5"})
+    assert killed.returncode == -9
+    resumed = launch(config, out, [*SGD, "train.checkpoint_every=3"], script=[*SCRIPT, "tied"]).check()
+    assert resumed.json("run.json")["start_step"] == 3
+    assert weights_equal(out / "final/model.safetensors", reference.output_dir / "final/model.safetensors")
+    from dist_mtl import checkpoint
+    from byo_models import TiedEncoder
+
+    encoder = TiedEncoder()
+    model = torch.nn.ModuleDict({"encoder": encoder, "heads": torch.nn.ModuleDict(
+        {"a": torch.nn.Linear(16, 1), "b": torch.nn.Linear(16, 1)})})
+    checkpoint.load_module(model, out / "final/model.safetensors")
+    assert encoder.up.weight is encoder.down.weight  # still one Parameter after loading
+
+
+def test_an_unused_submodule_needs_find_unused_parameters_and_gradnorm_skips_it(byo):
+    """DDP cannot reduce a parameter the forward never used: one line naming the key instead of
+    DDP's own RuntimeError; with the key set, 2 processes equal 1. GradNorm's default layer is the
+    last weight the forward runs (the body), not the unused pooler registered after it."""
+    from conftest import assert_world_size, launch
+
+    one, two, gradnorm = byo(("unused", ("train.find_unused_parameters=true",), 1, "accelerate"),
+                             ("unused", ("train.find_unused_parameters=true",), 2, "torchrun"),
+                             ("unused", ("mtl.weighting=gradnorm",), 1, "accelerate"))
+    refused = launch(one.output_dir.parent / "small.yaml", one.output_dir.parent / "refused", SGD, nproc=2,
+                     script=[*SCRIPT, "unused"])
+    assert refused.returncode != 0
+    assert_world_size(refused, 2)
+    assert_params_close(two, one, FP32_RTOL, "unused")
+    # fit raises it (a ConfigError, one line) on every rank, where DDP raised its own RuntimeError
+    assert "ConfigError: train.find_unused_parameters: the model has parameters that the forward pass did not use" \
+        in refused.stderr and "Expected to have finished reduction" not in refused.stderr
+    norms = [m["gradnorm/norm/a"] for m in gradnorm.metrics() if "gradnorm/norm/a" in m]
+    assert norms and all(n > 0 for n in norms)

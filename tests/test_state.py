@@ -203,7 +203,6 @@ def test_a_module_round_trip_is_bitwise_for_every_kind_of_state_tensor(tmp_path)
     assert_same_state(model, other)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change to trainer._write_final given in the report")
 def test_the_final_model_holds_tied_weights(dist, tmp_path):
     from dist_mtl.checkpoint import load_module
     from dist_mtl.trainer import _write_final
@@ -334,7 +333,6 @@ def test_the_bytes_of_a_module_state_count_buffers_and_tied_tensors_once():
     assert state_nbytes(kinds("cpu")) == sum(t.numel() * t.element_size() for t in kinds("cpu").state_dict().values())
 
 
-@pytest.mark.xfail(strict=True, reason="needs the change to trainer._check_free_space given in the report")
 def test_the_free_space_check_counts_buffers(dist, tmp_path, monkeypatch):
     """A model whose state is mostly buffers (1 MiB), on a disk with 512 KiB free: refused."""
     import shutil
