@@ -109,6 +109,11 @@ MUTATIONS = [
              ("tests/test_weighting_distributed.py::test_two_processes_give_the_parameters_and_weights_of_one"
               "[gradnorm]",),
              "GradNorm balances this rank's gradient norms instead of the global gradient's"),
+    Mutation("per_piece_mean_of_masked_losses", "dist_mtl/engine/base.py",
+             "        return self.by_name[name].loss_sum(output, target) * self.scales[name]\n",
+             "        return self.by_name[name].mean_loss(output, target)\n",
+             ("tests/test_byo.py::test_partially_labelled_diamonds_on_two_processes_equal_one[sum]",),
+             "each piece's own masked mean (a per-rank trainer's rule), not the global sum over the global count"),
     Mutation("rerun_ignores_the_config", "dist_mtl/rundir.py",
              "        diff = config_diff(old, new)\n", "        diff = {}\n",
              ("tests/test_rerun.py::test_another_config_in_the_same_directory_exits_2_naming_the_keys_and_touches_nothing",),
