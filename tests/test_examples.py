@@ -87,7 +87,8 @@ def test_custom_model_script_trains_and_reports(default_runs):
 def test_yaml_reproduces_the_python_run_bitwise(default_runs):
     """custom.yaml builds the same model from the same seed and trains on the same data: the final
     parameters are bitwise equal to the fit() run's. A different seed (a different initialisation)
-    or a head built out of order would break this."""
+    or a head built out of order would break this (checked: without the script's
+    torch.manual_seed(cfg.seed) the files differ)."""
     script, yaml_run = default_runs
     assert weights_equal(script.output_dir / "final/model.safetensors", yaml_run.output_dir / "final/model.safetensors")
     assert script.json("final/eval.json")["metrics"] == yaml_run.json("final/eval.json")["metrics"]
@@ -107,7 +108,8 @@ def test_custom_model_on_two_processes_matches_one(tmp_path_factory, launcher, a
     """The script under a launcher trains as one process does (SGD, so a wrong gradient scale shows:
     see conftest.SGD), on data where 30 % of each task's labels are missing: each task's loss is its
     labelled sum over the global batch divided by the global count, whatever the split. Measured:
-    1.4e-7 (torchrun, grad_accum 2)."""
+    1.4e-7 (torchrun, grad_accum 2), 9.1e-8 (accelerate); with each rank dividing by its own count
+    (per-rank averaging, a planted mutation of trainer.label_counts) 1.2e-2 and 1.3e-2."""
     root = tmp_path_factory.mktemp(f"sgd-{launcher}")
     calls = [(run_script, {"output_dir": root / "two", "nproc": 2, "launcher": launcher,
                            "overrides": [*SGD, f"train.grad_accum={accum}"]})]
