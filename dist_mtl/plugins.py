@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import pkgutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +49,10 @@ def import_path(path: str, key: str, registry: Mapping[str, Any] | None = None) 
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ConfigError(key, f"cannot import {module_name!r} for {path!r}: {e}") from None
+        missing = e.name or module_name
+        if module_name != missing and not module_name.startswith(missing + "."):  # an import inside it failed
+            raise ConfigError(key, f"importing {module_name!r} failed: ModuleNotFoundError: {e}") from None
+        raise ConfigError(key, f"cannot import {module_name!r} for {path!r}: {e}{_module_hint(missing, path)}") from None
     except Exception as e:  # the user's module failed while importing: say what, in one line
         raise ConfigError(key, f"importing {module_name!r} failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not hasattr(module, attr):
@@ -57,6 +61,24 @@ def import_path(path: str, key: str, registry: Mapping[str, Any] | None = None) 
         hint = f" (did you mean '{module_name}.{close[0]}'?)" if close else ""
         raise ConfigError(key, f"{module_name!r} has no {attr!r}{hint}")
     return getattr(module, attr)
+
+
+def _module_hint(missing: str, path: str) -> str:
+    """A near miss for the module ``missing``: a sibling in its package, or for a top-level name a
+    module in the working directory (not every installed one: too many far-fetched matches); else
+    where top-level modules are looked for."""
+    parent, _, leaf = missing.rpartition(".")
+    try:
+        where = importlib.import_module(parent).__path__ if parent else [str(Path.cwd())]
+        names = [m.name for m in pkgutil.iter_modules(where)]
+    except Exception:  # the parent failed too, or is not a package: no suggestion
+        names = []
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6 if parent else 0.75)
+    if close:
+        return f" (did you mean {path.replace(missing, f'{parent}.{close[0]}' if parent else close[0], 1)!r}?)"
+    if not parent:
+        return f"; modules are imported from the installed packages and the working directory ({Path.cwd()})"
+    return ""
 
 
 def _with_cwd_on_path() -> None:
