@@ -681,7 +681,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     # Registries are imported here so that config.py stays importable on its own.
     from .aggregation import AGGREGATORS, GRAMIAN_AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
     from .engine import BACKWARDS
-    from .models import ACTIVATIONS, ENCODERS
+    from .models import ACTIVATIONS, ENCODER_PATHS, ENCODERS
     from .tasks import DERIVED, KIND_LOSSES, LOSSES, METRICS
 
     METRICS_AND_DERIVED = {**METRICS, **DERIVED}
@@ -738,9 +738,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     m = cfg.model
     if isinstance(m.encoder, str) and "." not in m.encoder and not m.encoder.startswith("<python> "):
-        _check_name(m.encoder, ENCODERS, "model.encoder")
+        _check_name(m.encoder, {**ENCODERS, **ENCODER_PATHS}, "model.encoder")
+        _require(m.encoder == "mlp", "model.encoder",
+                 f"{m.encoder!r} is built from init_args: write it as {{class_path: {m.encoder}, init_args: {{...}}}}")
     else:
-        _check_plugin(m.encoder, ENCODERS, "model.encoder")
+        _check_plugin(m.encoder, {**ENCODERS, **ENCODER_PATHS}, "model.encoder")
     for name, head in m.heads.items():
         if not pending:
             _check_name(name, {t: None for t in seen}, f"model.heads.{name}")

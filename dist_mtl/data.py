@@ -487,8 +487,8 @@ class DatasetSource:
         if not isinstance(item, dict):
             raise DataError(f"{self.key}: item {index} is a {type(item).__name__}; an item must be a dict with "
                             "'inputs' and one key per task target")
-        needed = [("inputs", "the model's inputs")] + [(t.target, f"task {t.name!r}'s target") for t in self.tasks]
-        needed += [(t.mask, f"task {t.name!r}'s mask") for t in self.tasks if t.mask]
+        needed = [("inputs", "the model's inputs")] + [(t.target, f"the target of task {t.name!r}") for t in self.tasks]
+        needed += [(t.mask, f"the mask of task {t.name!r}") for t in self.tasks if t.mask]
         for name, what in needed:
             if name not in item:
                 raise DataError(f"{self.key}: item {index} has no key {name!r} ({what}); its keys: "
@@ -514,7 +514,8 @@ class DatasetSource:
         return batch["inputs"], targets
 
 
-def python_data(tasks: list[Task], train_data, val_data=None, collate=None) -> MultiTaskData:
+def python_data(tasks: list[Task], train_data, val_data=None, collate=None,
+                keys: tuple[str, str] = ("train_data", "val_data")) -> MultiTaskData:
     """Groups of map-style datasets: ``train_data`` is one dataset for every task, or
     ``{task: dataset}`` (tasks given the same dataset object share a group: one forward per step);
     ``val_data`` likewise (optional: without it nothing is evaluated)."""
@@ -523,10 +524,10 @@ def python_data(tasks: list[Task], train_data, val_data=None, collate=None) -> M
     if isinstance(train_data, dict):
         unknown = sorted(set(train_data) - set(by_name))
         if unknown:
-            raise DataError(f"train_data: no task named {unknown[0]!r}; tasks: {', '.join(by_name)}")
+            raise DataError(f"{keys[0]}: no task named {unknown[0]!r}; tasks: {', '.join(by_name)}")
         missing = [name for name in by_name if name not in train_data]
         if missing:
-            raise DataError(f"train_data: no dataset for task {missing[0]!r}")
+            raise DataError(f"{keys[0]}: no dataset for task {missing[0]!r}")
         plans: dict[int, tuple] = {}
         for name, ds in train_data.items():
             plans.setdefault(id(ds), (ds, []))[1].append(by_name[name])
@@ -534,8 +535,8 @@ def python_data(tasks: list[Task], train_data, val_data=None, collate=None) -> M
         plans = {id(train_data): (train_data, list(tasks))}
     for ds, group_tasks in plans.values():
         val = val_data.get(group_tasks[0].name) if isinstance(val_data, dict) else val_data
-        groups.append(PreparedData(DatasetSource(ds, group_tasks, collate, "train_data"),
-                                   DatasetSource(val, group_tasks, collate, "val_data") if val is not None else None,
+        groups.append(PreparedData(DatasetSource(ds, group_tasks, collate, keys[0]),
+                                   DatasetSource(val, group_tasks, collate, keys[1]) if val is not None else None,
                                    group_tasks, []))
     return MultiTaskData(groups)
 

@@ -4,7 +4,7 @@
 
 - ``encoder(inputs)`` returns the shared features: a tensor, or a dict of tensors (multi-scale
   maps). ``inputs`` is whatever a batch carries under ``"inputs"``: a tensor or a dict of tensors.
-- ``heads[task](features)`` gives that task's output. A head whose ``forward`` takes two
+- ``heads[task](features)`` gives that task's output. A head whose ``forward`` requires two
   positional arguments gets ``(features, inputs)`` (a dense decoder that needs the input size or
   skip connections).
 - An encoder with ``per_task_features = True`` (MMoE, CGC) returns ``{task: features}``, and each
@@ -64,6 +64,9 @@ class MLPEncoder(nn.Module):
 # name -> class(input_dim, ModelConfig) with an ``out_dim`` attribute
 ENCODERS: dict[str, type[nn.Module]] = {"mlp": MLPEncoder}
 
+ENCODER_PATHS: dict[str, str] = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC"}
+"""Registered encoders besides ``mlp``, built from their ``init_args`` (``tasks`` is passed at run time)."""
+
 
 def _takes_inputs(head: nn.Module) -> bool:
     """Whether ``head.forward`` takes (features, inputs) rather than (features)."""
@@ -71,8 +74,10 @@ def _takes_inputs(head: nn.Module) -> bool:
         parameters = list(inspect.signature(head.forward).parameters.values())
     except (TypeError, ValueError):  # a builtin or C-implemented forward: features only
         return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    # required ones only: nn.LSTM's hx or a Transformer layer's src_mask have defaults and are not inputs
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.default is p.empty]
+    return len(positional) >= 2
 
 
 class MultiTaskModel(nn.Module):

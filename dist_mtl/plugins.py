@@ -37,7 +37,8 @@ def is_spec(value: Any) -> bool:
 def import_path(path: str, key: str, registry: Mapping[str, Any] | None = None) -> Any:
     """The object at dotted ``path`` (or the registry's entry of that short name)."""
     if registry is not None and path in registry:
-        return registry[path]
+        value = registry[path]  # a class, or the dotted path it is an alias for
+        return import_path(value, key) if isinstance(value, str) else value
     if not isinstance(path, str) or "." not in path:
         known = sorted(registry or {})
         close = difflib.get_close_matches(str(path), known, n=1)

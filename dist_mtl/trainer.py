@@ -23,7 +23,7 @@ from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError, UsageError
-from .models import MultiTaskModel, build_model, mlp
+from .models import ENCODER_PATHS, MultiTaskModel, build_model, mlp
 from .tasks import Task
 from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tracking import Tracker, git_commit
@@ -119,93 +119,97 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
     stop, failure = None, None
     interval = Throughput()
     final_eval: dict[str, float] = {}
-    for step in range(start, cfg.train.max_steps):
-        for switch in schedule.begin(step):  # a function of the step: every rank switches here together
-            _log_switch(tracker, progress, switch)
-        phase = schedule.current
-        engine, weighting = engines[phase.index], weightings[phase.weighting]
-        tic, bytes_before = time.perf_counter(), dist.grad_bytes
-        active = task_sampler.active(step, phase.tasks)
-        done = step + 1
-        log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
-        probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
-        engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
-        try:
-            result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
-                                guard, need_global_losses=log_now or step == start or schedule.watches_losses(),
-                                probe=probe)
-        except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
-            failure = e
-        except RuntimeError as e:
-            if "find_unused_parameters" in str(e):  # DDP's reducer, on every rank alike: a config matter
-                raise ConfigError("train.find_unused_parameters", "the model has parameters that the forward pass "
-                                  "did not use, which DDP (mtl.backward: sum) cannot reduce; set "
-                                  "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
-            raise
-        for event in guard.take_events():
-            tracker.log_event("nonfinite", event)
-        if failure:
-            break
-        interval.add(time.perf_counter() - tic)
-        warning = vanishing.observe(done, result.losses) if not result.skipped else None  # global: same on every rank
-        if warning:
-            tracker.log_event("vanishing_loss", {"step": done, "message": warning})
-            if dist.is_main:
-                progress.write(warning, file=sys.stderr)
-        if not result.skipped:  # NaN losses would sit in the threshold window
-            for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
-                switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
+    try:
+        for step in range(start, cfg.train.max_steps):
+            for switch in schedule.begin(step):  # a function of the step: every rank switches here together
                 _log_switch(tracker, progress, switch)
-
-        if log_now:
-            record = _train_record(cfg, result, result.active, loader, done, interval.take())
-            record.update(weighting.diagnostics())
-            if schedule.phases:
-                record["phase"] = phase.index
-            if cfg.log.comm_bytes:
-                record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
-            if cfg.train.on_nonfinite == "skip":
-                record["nonfinite/skipped"] = guard.skipped
-            if cfg.log.rank_spread:
-                record.update(_rank_spread(dist, result.local_losses))
-            stats = engine.stats
-            if stats and (phase.backward == "jacobian" or probe):
-                record.update(_global(dist, stats))
-            tracker.log(record, result.local_losses)
-            progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
-                                  "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
-            dist.sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
-            final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
-            tracker.log({"step": done, **final_eval})
-        faults.maybe_inject(done, dist.rank, model)
-        if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
-            dist.sync_buffers(model)
-            dist.check_consistent(model, done)
-        stop = signals.should_stop(done) if done < cfg.train.max_steps else None
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
+            phase = schedule.current
+            engine, weighting = engines[phase.index], weightings[phase.weighting]
+            tic, bytes_before = time.perf_counter(), dist.grad_bytes
+            active = task_sampler.active(step, phase.tasks)
+            done = step + 1
+            log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
+            probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
+            engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
             try:
-                dist.sync_buffers(model)
-                checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
-                                {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
-                                 "nonfinite_skipped": guard.skipped},
-                                {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
-                                cfg.train.keep_checkpoints,
-                                objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}},
-                                texts={rundir.CONFIG_FILE: rundir.config_text(cfg)})
-                if run_record is not None:
-                    run_record.end_attempt(done)
-            except checkpoint.CheckpointError as e:  # raised on every rank together
-                tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
-                if cfg.train.checkpoint_required or stop:  # a preemption stop without its checkpoint fails
-                    failure = e
-                    break
+                result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
+                                    guard, need_global_losses=log_now or step == start or schedule.watches_losses(),
+                                    probe=probe)
+            except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
+                failure = e
+            except RuntimeError as e:
+                if "find_unused_parameters" in str(e):  # DDP's reducer, on every rank alike: a config matter
+                    raise ConfigError("train.find_unused_parameters", "the model has parameters that the forward pass "
+                                      "did not use, which DDP (mtl.backward: sum) cannot reduce; set "
+                                      "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
+                raise
+            for event in guard.take_events():
+                tracker.log_event("nonfinite", event)
+            if failure:
+                break
+            interval.add(time.perf_counter() - tic)
+            warning = vanishing.observe(done, result.losses) if not result.skipped else None  # global: same on every rank
+            if warning:
+                tracker.log_event("vanishing_loss", {"step": done, "message": warning})
                 if dist.is_main:
-                    progress.write(f"dist-mtl: warning: {e}; training goes on, the earlier checkpoints are kept "
-                                   "(train.checkpoint_required=true stops instead)", file=sys.stderr)
-        progress.update(1)
-        if stop:
-            break
+                    progress.write(warning, file=sys.stderr)
+            if not result.skipped:  # NaN losses would sit in the threshold window
+                for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
+                    switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
+                    _log_switch(tracker, progress, switch)
+
+            if log_now:
+                record = _train_record(cfg, result, result.active, loader, done, interval.take())
+                record.update(weighting.diagnostics())
+                if schedule.phases:
+                    record["phase"] = phase.index
+                if cfg.log.comm_bytes:
+                    record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
+                if cfg.train.on_nonfinite == "skip":
+                    record["nonfinite/skipped"] = guard.skipped
+                if cfg.log.rank_spread:
+                    record.update(_rank_spread(dist, result.local_losses))
+                stats = engine.stats
+                if stats and (phase.backward == "jacobian" or probe):
+                    record.update(_global(dist, stats))
+                tracker.log(record, result.local_losses)
+                progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
+                                      "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
+                dist.sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
+                final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
+                tracker.log({"step": done, **final_eval})
+            faults.maybe_inject(done, dist.rank, model)
+            if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
+                dist.sync_buffers(model)
+                dist.check_consistent(model, done)
+            stop = signals.should_stop(done) if done < cfg.train.max_steps else None
+            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
+                try:
+                    dist.sync_buffers(model)
+                    checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
+                                    {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
+                                     "nonfinite_skipped": guard.skipped},
+                                    {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
+                                    cfg.train.keep_checkpoints,
+                                    objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}},
+                                    texts={rundir.CONFIG_FILE: rundir.config_text(cfg)})
+                    if run_record is not None:
+                        run_record.end_attempt(done)
+                except checkpoint.CheckpointError as e:  # raised on every rank together
+                    tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
+                    if cfg.train.checkpoint_required or stop:  # a preemption stop without its checkpoint fails
+                        failure = e
+                        break
+                    if dist.is_main:
+                        progress.write(f"dist-mtl: warning: {e}; training goes on, the earlier checkpoints are kept "
+                                       "(train.checkpoint_required=true stops instead)", file=sys.stderr)
+            progress.update(1)
+            if stop:
+                break
+    except BaseException:  # close the bar first, so the error starts its own line
+        progress.close()
+        raise
     progress.close()
     signals.restore()
     if stop or failure:  # every rank stops here together; flush W&B before SLURM may kill the job
@@ -296,7 +300,9 @@ def build_data(cfg: Config, tasks: list[Task] | None, train_data=None, val_data=
     """The run's data: the datasets passed in, those a ``python`` source names, or the tables."""
     from .plugins import instantiate
 
+    keys = ("train_data", "val_data")
     if train_data is None and cfg.data.source == "python":
+        keys = ("data.train", "data.val")
         if cfg.data.train is None:
             raise ConfigError("data.train", "is required for data.source: python ({class_path, init_args} of a "
                               "map-style dataset), unless the datasets are passed to dist_mtl.fit")
@@ -304,7 +310,7 @@ def build_data(cfg: Config, tasks: list[Task] | None, train_data=None, val_data=
         val_data = instantiate(cfg.data.val, "data.val") if cfg.data.val is not None else None
         collate_fn = instantiate(cfg.data.collate, "data.collate", call=False) if cfg.data.collate else None
     if train_data is not None:
-        return python_data(tasks, train_data, val_data, collate_fn)
+        return python_data(tasks, train_data, val_data, collate_fn, keys=keys)
     return prepare(cfg)
 
 
@@ -345,10 +351,6 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
     if cfg.model.sync_batchnorm:  # (refused on several CPU processes by the config's validation)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
-
-ENCODER_PATHS = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC"}
-"""Registered encoders besides ``mlp`` (built from their ``init_args``)."""
 
 
 def exactness_warnings(model: nn.Module, cfg: Config, world_size: int) -> list[str]:

@@ -159,7 +159,7 @@ CLI_CASES = {
     "no_inputs": ("validate", ["data.train={class_path: bad_plugins.RenamedInputs}"],
                   ["item 0 has no key 'inputs' (the model's inputs); its keys: price, cut, features"]),
     "no_target": ("validate", ["tasks.cut.target=cut_label"],
-                  ["has no key 'cut_label' (task 'cut''s target); its keys: inputs, price, cut"]),
+                  ["has no key 'cut_label' (the target of task 'cut'); its keys: inputs, price, cut"]),
     # trainer.build_data: a python source needs data.train when nothing is passed to fit
     "no_data_train": ("validate", ["data.train=null"], ["data.train: is required for data.source: python"]),
     "no_data_train_train": ("train", ["data.train=null", *QUIET], ["data.train: is required for data.source: python"]),
@@ -178,7 +178,7 @@ FIT_CASES = {
     # Task.element_losses, DatasetSource._check: the same checks as from a config
     "loss_shape": ["UsageError: tasks.price.loss: <lambda> returned shape () for a target of shape (8,)"],
     "no_inputs": ["DataError: train_data: item", "has no key 'inputs'", "its keys: price, cut, features"],
-    "no_target": ["DataError: train_data: item", "has no key 'cut_label' (task 'cut''s target)"],
+    "no_target": ["DataError: train_data: item", "has no key 'cut_label' (the target of task 'cut')"],
 }
 
 

@@ -79,3 +79,20 @@ def test_per_task_head_learning_rates():
     opt = build_optimizer(TrainConfig(lr=0.1, task_lr={"b": 0.01}), model)
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"encoder": 0.1, "head/a": 0.1, "head/b": 0.01}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_heads_get_the_inputs_only_when_their_forward_requires_them():
+    """A head whose forward requires (features, inputs) gets both; a Transformer layer used as a head
+    (forward(src, src_mask=None, ...)) gets the features only, not the inputs as its mask."""
+    from dist_mtl.models import MultiTaskModel
+
+    class Skip(torch.nn.Module):
+        def forward(self, features, inputs):
+            return features.sum(-1, keepdim=True) + inputs[:, :1]
+
+    layer = torch.nn.TransformerEncoderLayer(4, 1, dim_feedforward=8, batch_first=True)
+    model = MultiTaskModel(torch.nn.Identity(), {"skip": Skip(), "seq": layer})
+    x = torch.randn(2, 3, 4)
+    out = model(x)
+    assert torch.equal(out["skip"], x.sum(-1, keepdim=True) + x[:, :1])
+    assert out["seq"].shape == (2, 3, 4)
