@@ -263,6 +263,9 @@ def resolve_tasks(cfg: Config, tasks: list[Task] | None, model, train_data) -> l
         cfg.model.encoder = _describe(getattr(model, "encoder", model))
         cfg.model.heads = {name: _describe(head) for name, head in getattr(model, "heads", {}).items()}
     validate(cfg, world_size=env_world_size())
+    if not cfg.tasks:
+        raise ConfigError("tasks", "at least one task is required: a list of {name, kind, target} in the config, or "
+                          "tasks=[dist_mtl.Task(...)] passed to dist_mtl.fit")
     if tasks is not None or cfg.data.source != "python":
         return tasks
     return [task_from_config(t, f"tasks[{i}]") for i, t in enumerate(cfg.tasks)]

@@ -243,3 +243,13 @@ def test_the_base_config_and_script_are_fine(outcomes, tmp_path):
     assert run.returncode == 0 and "# one batch of 2 training items" in run.stdout, run.stderr[-3000:]
     proc = _fit("ok", outcomes["tmp"])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("trained"), proc.stderr[-3000:]
+
+
+def test_train_of_a_config_without_tasks_is_a_clear_error(tmp_path):
+    """dist_mtl.train(Config(...)) without tasks used to fail with an IndexError: it now says what is
+    missing. (A default Config() has the synthetic source's tasks t0 .. t2.)"""
+    import dist_mtl
+    from dist_mtl.config import Config, DataConfig
+
+    with pytest.raises(dist_mtl.ConfigError, match="^tasks: at least one task is required"):
+        dist_mtl.train(Config(output_dir=str(tmp_path / "none"), data=DataConfig(source="python")))
