@@ -64,6 +64,8 @@ class Variant:
             engine, dist, model, data.tasks, build_weighting(cfg), self.aggregate, JacobianOptions("global", method, wrt))
         if self.engine is not None:
             self.engine.collect_stats = False  # as in training between log steps; the baseline has none
+            # every row labelled, one process, one micro-step: each task's count is the batch size
+            self.engine.set_counts({t.name: float(cfg.train.batch_size) for t in data.tasks}, 1)
 
     def update(self, losses: dict | None = None, task: str | None = None) -> None:
         self.optimizer.step()

@@ -23,7 +23,7 @@ def assert_usage_error(run, *fragments: str) -> str:
 
 @pytest.mark.parametrize("overrides, fragments", [
     (["train.lrr=0.1"], ["train.lrr: unknown key (did you mean 'train.lr'?)"]),
-    (["model.encoder=resnet"], ["model.encoder: unknown name 'resnet'", "allowed: mlp"]),
+    (["model.encoder=resnet"], ["model.encoder: unknown name 'resnet'", "allowed: cgc, mlp, mmoe"]),
     (["data.source=parquet", "data.path=missing.parquet"], ["data.path: file not found:", "missing.parquet"]),
     (["train.max_steps=-3"], ["train.max_steps: must be a positive integer, got -3"]),
 ])
