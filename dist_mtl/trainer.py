@@ -434,7 +434,7 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
     # Each task's global count of labelled elements, before any backward: a task without any at
     # this step sits it out, on every rank alike.
     counts = label_counts(dist, engine, loader, micro_batches, cfg.train.batch_size)
-    engine.set_counts(counts, len(micro_batches))
+    engine.set_counts(counts, len(micro_batches), loader.complete)
     active = [name for name in active if counts.get(name, 0) > 0]
     if not active:  # no label of any trained task in this global batch: nothing to update
         scheduler.step()

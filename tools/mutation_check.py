@@ -110,7 +110,7 @@ MUTATIONS = [
               "[gradnorm]",),
              "GradNorm balances this rank's gradient norms instead of the global gradient's"),
     Mutation("per_piece_mean_of_masked_losses", "dist_mtl/engine/base.py",
-             "        return self.by_name[name].loss_sum(output, target) * self.scales[name]\n",
+             "        return self.by_name[name].loss_sum(output, target, masked=name not in self.complete) * self.scales[name]\n",
              "        return self.by_name[name].mean_loss(output, target)\n",
              ("tests/test_byo.py::test_partially_labelled_diamonds_on_two_processes_equal_one[sum]",),
              "each piece's own masked mean (a per-rank trainer's rule), not the global sum over the global count"),

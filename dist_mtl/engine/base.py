@@ -85,9 +85,10 @@ class BackwardEngine:
         """Whether ``run`` fills ``stats``; the trainer turns it on for log steps only."""
         self.scales: dict[str, float] = {}
         """This step's multiplier of each task's per-piece loss sum (``set_counts``)."""
+        self.complete: set[str] | frozenset = frozenset()
         self._task_grads: dict[str, Tensor] = {}
 
-    def set_counts(self, counts: dict[str, float], accum: int) -> None:
+    def set_counts(self, counts: dict[str, float], accum: int, complete: set[str] | frozenset = frozenset()) -> None:
         """This step's global count C_t of labelled elements of each task (every rank, every
         micro-step). A piece's loss is then its sum of per-element losses times world * accum / C_t:
         the engines divide by ``accum`` and DDP averages over the world, so the gradient is exactly
@@ -95,6 +96,8 @@ class BackwardEngine:
         micro-step. A task with C_t = 0 has no loss at this step (on every rank alike)."""
         world = self.dist.world_size
         self.scales = {name: world * accum / count for name, count in counts.items() if count > 0}
+        self.complete = complete
+        """Tasks whose every target element is labelled: their losses need no mask."""
 
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         """Back-propagate the ``active`` tasks for one optimizer step and call ``update``. Returns
@@ -170,7 +173,7 @@ class BackwardEngine:
 
     def task_loss(self, name: str, output: Tensor, target: Tensor) -> Tensor:
         """One piece's loss of task ``name``: its labelled elements' loss sum times this step's scale."""
-        return self.by_name[name].loss_sum(output, target) * self.scales[name]
+        return self.by_name[name].loss_sum(output, target, masked=name not in self.complete) * self.scales[name]
 
     @staticmethod
     def accumulate(totals: dict[str, Tensor], losses: dict[str, Tensor], accum: int) -> None:
