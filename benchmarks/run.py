@@ -49,7 +49,7 @@ from dist_mtl.distributed import Distributed  # noqa: E402
 from dist_mtl.engine import JacobianOptions, build_engine  # noqa: E402
 from dist_mtl.models import build_model  # noqa: E402
 from dist_mtl.nonfinite import NonFiniteGuard  # noqa: E402
-from dist_mtl.trainer import build_optimizer, build_scheduler, train_step  # noqa: E402
+from dist_mtl.trainer import TrainStep, build_optimizer, build_scheduler  # noqa: E402
 from dist_mtl.weighting import build_weighting  # noqa: E402
 
 HIDDEN, BATCH = 256, 256
@@ -99,7 +99,7 @@ class Setup:
 
 
 class Ours:
-    """dist-mtl's own training step (``train_step``) with backward engine ``backward``."""
+    """dist-mtl's own training step (``TrainStep``) with backward engine ``backward``."""
 
     def __init__(self, setup: Setup, backward: str = "sum", aggregator: str | None = None,
                  sync: str = "global", wrt: str = "params", checked: bool = True) -> None:
@@ -110,12 +110,12 @@ class Ours:
                                    JacobianOptions(sync, "auto", wrt))
         self.engine.collect_stats = False  # as between log steps
         # The default train.on_nonfinite checks every update; ``checked=False`` measures that check's cost.
-        self.guard = NonFiniteGuard(setup.dist, "abort", 0) if checked else Unchecked(setup.dist, "abort", 0)
+        guard = NonFiniteGuard(setup.dist, "abort", 0) if checked else Unchecked(setup.dist, "abort", 0)
+        self.train_step = TrainStep(setup.cfg, setup.dist, setup.model, setup.optimizer, setup.scheduler,
+                                    setup.loader, guard)
 
     def step(self, i: int) -> None:
-        s = self.s
-        train_step(s.cfg, s.dist, self.engine, self.weighting, s.names, s.model, s.optimizer, s.scheduler,
-                   s.loader, i, self.guard, need_global_losses=False)
+        self.train_step(i, self.engine, self.weighting, self.s.names, need_global_losses=False)
 
 
 class Unchecked(NonFiniteGuard):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -59,185 +60,300 @@ def train(cfg: Config, *, model: nn.Module | None = None, tasks: list[Task] | No
         if env_is_main():
             print(f"dist-mtl: {done}", file=sys.stderr, flush=True)
         return _finished_result(run_dir, cfg.train.max_steps)
-    resume_path = plan.resume_path
-    check_not_fsdp()
-    Tracker.check_wandb(cfg, env_is_main())
-    dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
-                              find_unused_parameters=cfg.train.find_unused_parameters,
-                              timeout_s=cfg.train.collective_timeout_s)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    trainer = Trainer(cfg, run_dir, plan, model=model, tasks=tasks, train_data=train_data, val_data=val_data,
+                      collate_fn=collate_fn)
+    return trainer.fit(started)
 
-    # Data: built once on the main process (HF caches), then on the others from the cache.
-    data = dist.main_first(lambda: build_data(cfg, tasks, train_data, val_data, collate_fn))
-    loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
-    task_sampler = TaskSampler(cfg, {t.name: len(g.train) for g in data.groups for t in g.tasks})
 
-    # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
-    torch.manual_seed(cfg.seed)
-    model = dist.main_first(lambda: build_full_model(cfg, data, model))
-    if any(w.needs_task_grads for w in schedule_weightings(cfg)):  # GradNorm: the last layer the features pass
-        model.find_last_layer(loader.micro_batches(0, 0, 1, 1, [t.name for t in data.tasks], torch.device("cpu"))[0][0][0])
-    optimizer = build_optimizer(cfg.train, model)
-    if dist.is_main:
-        for warning in exactness_warnings(model, cfg, dist.world_size):
-            print(f"dist-mtl: warning: {warning}", file=sys.stderr, flush=True)
-    _check_free_space(dist, run_dir, cfg.train, model)
-    # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
-    # num_processes times, making the schedule depend on the world size.
-    scheduler = build_scheduler(cfg.train, optimizer)
-    model, optimizer = dist.accelerator.prepare(model, optimizer)
-    if cfg.log.comm_bytes:
-        dist.count_ddp_traffic(model)
-    # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
-    # share the instance and its state).
-    schedule = Schedule(cfg)
-    vanishing = VanishingLossMonitor.from_config(cfg)  # warns once per task whose loss goes to 0
-    weightings = {key: build_weighting(cfg, name, args, dist.device, steps_per_epoch=loader.steps_per_epoch)
-                  for key, (name, args) in schedule.weightings.items()}
-    aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
-                 if cfg.mtl.aggregator != "none" else None)
-    options = JacobianOptions(cfg.mtl.jacobian_sync, cfg.mtl.jacobian_method, cfg.mtl.jacobian_wrt)
-    engines = {phase.index: build_engine(phase.backward, dist, model, data.tasks, weightings[phase.weighting],
-                                         aggregate, options) for phase in schedule.all_phases}
+class Trainer:
+    """One training attempt on this rank. It owns the config, the distributed state, the data and
+    its step loader, the model, optimizer and scheduler, one backward engine per schedule phase
+    with its weighting, the non-finite guard and the loggers, built from the config or from what
+    ``fit`` was given. ``fit()`` is the loop; every rank runs it in lockstep."""
 
-    guard = NonFiniteGuard(dist, cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
-                           check_grads=cfg.train.mixed_precision != "fp16")
+    def __init__(self, cfg: Config, run_dir: Path, plan: rundir.StartPlan, *, model: nn.Module | None = None,
+                 tasks: list[Task] | None = None, train_data=None, val_data=None, collate_fn=None) -> None:
+        """Build everything the loop needs and restore ``plan.resume_path`` if there is one. Creates
+        the process group, writes config.yaml and this attempt's run.json entry (main process).
+        Raises ConfigError/UsageError (exit 2) for what does not fit, before any training."""
+        self.cfg, self.run_dir = cfg, run_dir
+        check_not_fsdp()
+        Tracker.check_wandb(cfg, env_is_main())
+        self.dist = dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
+                                              find_unused_parameters=cfg.train.find_unused_parameters,
+                                              timeout_s=cfg.train.collective_timeout_s)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
 
-    # Resume: the sampler needs no state (its position is a function of the step).
-    if resume_path is not None:
-        start = _resume(dist, resume_path, model, optimizer, scheduler, schedule, weightings, aggregate, guard)
-    else:
-        start = 0
-        # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
-        torch.manual_seed(cfg.seed + 1 + dist.rank)
-    run_record = _begin_attempt(cfg, dist, run_dir, data, plan, start)
-    tracker = Tracker(cfg, dist, run_dir, start if resume_path else None)
+        # Data: built once on the main process (HF caches), then on the others from the cache.
+        self.data = data = dist.main_first(lambda: build_data(cfg, tasks, train_data, val_data, collate_fn))
+        self.loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
+        self.task_sampler = TaskSampler(cfg, {t.name: len(g.train) for g in data.groups for t in g.tasks})
 
-    progress = _progress_bar(cfg, dist, start)
-    signals = preemption.StopSignals(dist, cfg.train.signal_check_every)
-    stop, failure = None, None
-    interval = Throughput()
-    final_eval: dict[str, float] = {}
-    try:
-        for step in range(start, cfg.train.max_steps):
-            for switch in schedule.begin(step):  # a function of the step: every rank switches here together
-                _log_switch(tracker, progress, switch)
-            phase = schedule.current
-            engine, weighting = engines[phase.index], weightings[phase.weighting]
-            tic, bytes_before = time.perf_counter(), dist.grad_bytes
-            active = task_sampler.active(step, phase.tasks)
-            done = step + 1
-            log_now = done % cfg.log.every == 0 or done == cfg.train.max_steps
-            probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
-            engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
-            try:
-                result = train_step(cfg, dist, engine, weighting, active, model, optimizer, scheduler, loader, step,
-                                    guard, need_global_losses=log_now or step == start or schedule.watches_losses(),
-                                    probe=probe)
-            except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
-                failure = e
-            except RuntimeError as e:
-                if "find_unused_parameters" in str(e):  # DDP's reducer, on every rank alike: a config matter
-                    raise ConfigError("train.find_unused_parameters", "the model has parameters that the forward pass "
-                                      "did not use, which DDP (mtl.backward: sum) cannot reduce; set "
-                                      "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
-                raise
-            for event in guard.take_events():
-                tracker.log_event("nonfinite", event)
-            if failure:
-                break
-            interval.add(time.perf_counter() - tic)
-            warning = vanishing.observe(done, result.losses) if not result.skipped else None  # global: same on every rank
-            if warning:
-                tracker.log_event("vanishing_loss", {"step": done, "message": warning})
-                if dist.is_main:
-                    progress.write(warning, file=sys.stderr)
-            if not result.skipped:  # NaN losses would sit in the threshold window
-                for switch in schedule.observe(step, result.losses):  # global losses: the same decision on every rank
-                    switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
-                    _log_switch(tracker, progress, switch)
+        # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
+        torch.manual_seed(cfg.seed)
+        model = dist.main_first(lambda: build_full_model(cfg, data, model))
+        if any(w.needs_task_grads for w in schedule_weightings(cfg)):  # GradNorm: the last layer the features pass
+            first = self.loader.micro_batches(0, 0, 1, 1, [t.name for t in data.tasks], torch.device("cpu"))[0][0][0]
+            model.find_last_layer(first)
+        optimizer = build_optimizer(cfg.train, model)
+        if dist.is_main:
+            for warning in exactness_warnings(model, cfg, dist.world_size):
+                print(f"dist-mtl: warning: {warning}", file=sys.stderr, flush=True)
+        _check_free_space(dist, run_dir, cfg.train, model)
+        # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
+        # num_processes times, making the schedule depend on the world size.
+        self.scheduler = build_scheduler(cfg.train, optimizer)
+        self.model, self.optimizer = dist.accelerator.prepare(model, optimizer)
+        if cfg.log.comm_bytes:
+            dist.count_ddp_traffic(self.model)
 
-            if log_now:
-                record = _train_record(cfg, result, result.active, loader, done, interval.take())
-                record.update(weighting.diagnostics())
-                if schedule.phases:
-                    record["phase"] = phase.index
-                if cfg.log.comm_bytes:
-                    record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
-                if cfg.train.on_nonfinite == "skip":
-                    record["nonfinite/skipped"] = guard.skipped
-                if cfg.log.rank_spread:
-                    record.update(_rank_spread(dist, result.local_losses))
-                stats = engine.stats
-                if stats and (phase.backward == "jacobian" or probe):
-                    record.update(_global(dist, stats))
-                tracker.log(record, result.local_losses)
-                progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
-                                      "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.max_steps:
-                dist.sync_buffers(model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
-                final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
-                tracker.log({"step": done, **final_eval})
-            faults.maybe_inject(done, dist.rank, model)
-            if cfg.train.check_consistency_every and done % cfg.train.check_consistency_every == 0:
-                dist.sync_buffers(model)
-                dist.check_consistent(model, done)
-            stop = signals.should_stop(done) if done < cfg.train.max_steps else None
-            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.max_steps or stop:
+        # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
+        # share the instance and its state).
+        self.schedule = Schedule(cfg)
+        self.weightings = {key: build_weighting(cfg, name, args, dist.device, steps_per_epoch=self.loader.steps_per_epoch)
+                           for key, (name, args) in self.schedule.weightings.items()}
+        self.aggregate = (build_aggregation(cfg.mtl.aggregator, cfg.mtl.aggregator_args, len(data.tasks), cfg.seed)
+                          if cfg.mtl.aggregator != "none" else None)
+        options = JacobianOptions(cfg.mtl.jacobian_sync, cfg.mtl.jacobian_method, cfg.mtl.jacobian_wrt)
+        self.engines = {phase.index: build_engine(phase.backward, dist, self.model, data.tasks,
+                                                  self.weightings[phase.weighting], self.aggregate, options)
+                        for phase in self.schedule.all_phases}
+        self.guard = NonFiniteGuard(dist, cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
+                                    check_grads=cfg.train.mixed_precision != "fp16")
+        self.train_step = TrainStep(cfg, dist, self.model, self.optimizer, self.scheduler, self.loader, self.guard)
+        self.vanishing = VanishingLossMonitor.from_config(cfg)  # warns once per task whose loss goes to 0
+
+        # Resume: the sampler needs no state (its position is a function of the step).
+        if plan.resume_path is not None:
+            self.start = self.load_checkpoint(plan.resume_path)
+        else:
+            self.start = 0
+            # Different dropout masks per rank, same on every run; resumes restore each rank's RNG.
+            torch.manual_seed(cfg.seed + 1 + dist.rank)
+        self.run_record = _begin_attempt(cfg, dist, run_dir, data, plan, self.start)
+        self.tracker = Tracker(cfg, dist, run_dir, self.start if plan.resume_path else None)
+        self.progress = _progress_bar(cfg, dist, self.start)
+        self.interval = Throughput()
+        self.final_eval: dict[str, float] = {}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, started: float | None = None) -> TrainResult:
+        """Train from ``self.start`` to ``train.max_steps``: each step trains and logs, then
+        evaluates, checks the replicas and checkpoints on their cadences, every rank in the same
+        order. Returns after the final evaluation and model. A stop signal raises ``Preempted``
+        and a failure (non-finite values, a required checkpoint) raises itself, both after the
+        checkpoint, the run.json entry and W&B are settled. ``started``: ``perf_counter`` at the
+        attempt's start, for the summary's wall time."""
+        started = time.perf_counter() if started is None else started
+        t = self.cfg.train
+        signals = preemption.StopSignals(self.dist, t.signal_check_every)
+        stop, failure, done = None, None, self.start
+        try:
+            for step in range(self.start, t.max_steps):
+                done = step + 1
                 try:
-                    dist.sync_buffers(model)
-                    checkpoint.save(dist, run_dir / "checkpoints", done, model, optimizer,
-                                    {"scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
-                                     "nonfinite_skipped": guard.skipped},
-                                    {"aggregator": aggregate.state_dict() if aggregate is not None else {}},
-                                    cfg.train.keep_checkpoints,
-                                    objects={"weighting": {key: w.state_dict() for key, w in weightings.items()}},
-                                    texts={rundir.CONFIG_FILE: rundir.config_text(cfg)})
-                    if run_record is not None:
-                        run_record.end_attempt(done)
-                except checkpoint.CheckpointError as e:  # raised on every rank together
-                    tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
-                    if cfg.train.checkpoint_required or stop:  # a preemption stop without its checkpoint fails
-                        failure = e
+                    self.step(step)
+                except NonFiniteError as e:  # raised on every rank together: the guard decides on reduced values
+                    failure = e
+                    break
+                if _due(t.eval_every, done, t.max_steps):
+                    self.evaluate(done)
+                faults.maybe_inject(done, self.dist.rank, self.model)
+                if t.check_consistency_every and done % t.check_consistency_every == 0:
+                    self.dist.sync_buffers(self.model)
+                    self.dist.check_consistent(self.model, done)
+                stop = signals.should_stop(done) if done < t.max_steps else None
+                if _due(t.checkpoint_every, done, t.max_steps) or stop:
+                    failure = self.save_checkpoint(done, required=t.checkpoint_required or stop is not None)
+                    if failure:
                         break
-                    if dist.is_main:
-                        progress.write(f"dist-mtl: warning: {e}; training goes on, the earlier checkpoints are kept "
-                                       "(train.checkpoint_required=true stops instead)", file=sys.stderr)
-            progress.update(1)
-            if stop:
-                break
-    except BaseException:  # close the bar first, so the error starts its own line
-        progress.close()
-        raise
-    progress.close()
-    signals.restore()
-    if stop or failure:  # every rank stops here together; flush W&B before SLURM may kill the job
-        if run_record is not None:
-            run_record.end_attempt(done if stop else step, "preempted" if stop else "failed")
-        tracker.finish()
-        del engines, weightings, model, optimizer, scheduler
-        dist.shutdown()
+                self.progress.update(1)
+                if stop:
+                    break
+        except BaseException:  # close the bar first, so the error starts its own line
+            self.progress.close()
+            raise
+        self.progress.close()
+        signals.restore()
+        if stop or failure:
+            self.stop_early(done, stop, failure)  # raises
+        return self.finish(started)
+
+    def step(self, step: int) -> None:
+        """Optimizer step ``step`` in its schedule phase, with what follows it on every rank: the
+        guard's events, the loss observers (vanishing losses, threshold switches) and, on a log
+        step, the record. Raises NonFiniteError on every rank together."""
+        cfg, dist = self.cfg, self.dist
+        for switch in self.schedule.begin(step):  # a function of the step: every rank switches here together
+            self.log_switch(switch)
+        phase = self.schedule.current
+        engine, weighting = self.engines[phase.index], self.weightings[phase.weighting]
+        done = step + 1
+        log_now = _due(cfg.log.every, done, cfg.train.max_steps)
+        probe = log_now and cfg.log.grad_conflict and phase.backward != "jacobian"
+        engine.collect_stats = log_now  # diagnostics cost T^2 P flops: log steps only
+        tic, bytes_before = time.perf_counter(), dist.grad_bytes
+        try:
+            result = self.train_step(step, engine, weighting, self.task_sampler.active(step, phase.tasks),
+                                     need_global_losses=log_now or step == self.start or self.schedule.watches_losses(),
+                                     probe=probe)
+        except NonFiniteError:
+            self.log_guard_events()
+            raise
+        except RuntimeError as e:
+            if "find_unused_parameters" in str(e):  # DDP's reducer, on every rank alike: a config matter
+                raise ConfigError("train.find_unused_parameters", "the model has parameters that the forward pass "
+                                  "did not use, which DDP (mtl.backward: sum) cannot reduce; set "
+                                  "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
+            raise
+        self.log_guard_events()
+        self.interval.add(time.perf_counter() - tic)
+
+        if not result.skipped:  # global losses, the same on every rank; NaN ones would sit in the windows
+            warning = self.vanishing.observe(done, result.losses)
+            if warning:
+                self.tracker.log_event("vanishing_loss", {"step": done, "message": warning})
+                if dist.is_main:
+                    self.progress.write(warning, file=sys.stderr)
+            for switch in self.schedule.observe(step, result.losses):
+                switch["rank_losses"] = dist.all_gather_object({n: float(v) for n, v in result.local_losses.items()})
+                self.log_switch(switch)
+        if log_now:
+            self.log_step(done, result, phase, bytes_before, probe)
+
+    # -- what a step reports ---------------------------------------------------------------------
+    def log_step(self, done: int, result: StepOutput, phase, bytes_before: int, probe: bool) -> None:
+        """The global record of step ``done`` in metrics.jsonl and W&B, and the progress bar's losses."""
+        cfg, dist = self.cfg, self.dist
+        record = _train_record(cfg, result, result.active, self.loader, done, self.interval.take())
+        record.update(self.weightings[phase.weighting].diagnostics())
+        if self.schedule.phases:
+            record["phase"] = phase.index
+        if cfg.log.comm_bytes:
+            record["perf/comm_bytes"] = dist.grad_bytes - bytes_before
+        if cfg.train.on_nonfinite == "skip":
+            record["nonfinite/skipped"] = self.guard.skipped
+        if cfg.log.rank_spread:
+            record.update(_rank_spread(dist, result.local_losses))
+        stats = self.engines[phase.index].stats
+        if stats and (phase.backward == "jacobian" or probe):
+            record.update(_global(dist, stats))
+        self.tracker.log(record, result.local_losses)
+        self.progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
+                                   "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
+
+    def log_guard_events(self) -> None:
+        for event in self.guard.take_events():
+            self.tracker.log_event("nonfinite", event)
+
+    def log_switch(self, switch: dict) -> None:
+        """A phase switch: a line on the console and an ``event: phase_switch`` record in metrics.jsonl."""
+        if self.tracker.active:
+            self.progress.write(f"step {switch['step']}: phase {switch['phase']} (backward={switch['backward']}, "
+                                f"weighting={switch['weighting']}, tasks={switch['tasks']}) after {switch['reason']}")
+        self.tracker.log_event("phase_switch", switch)
+
+    def evaluate(self, done: int) -> None:
+        """The validation metrics after step ``done``, logged and kept as ``final_eval``."""
+        self.dist.sync_buffers(self.model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
+        self.final_eval = evaluate(self.dist, self.model, self.data, self.cfg.train.eval_batch_size)
+        self.tracker.log({"step": done, **self.final_eval})
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The trainer's own state, which a checkpoint holds besides the model, the optimizer and
+        the RNGs: small values (to trainer_state.json), ``tensors`` (one safetensors file per group)
+        and ``objects`` (one .pt file per group). ``checkpoint.load`` returns the same mapping
+        (plus ``step``), which ``load_state_dict`` takes."""
+        return {"scheduler": self.scheduler.state_dict(), "schedule": self.schedule.state_dict(),
+                "nonfinite_skipped": self.guard.skipped,
+                "tensors": {"aggregator": self.aggregate.state_dict() if self.aggregate is not None else {}},
+                "objects": {"weighting": {key: w.state_dict() for key, w in self.weightings.items()}}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s mapping (as ``checkpoint.load`` returns it; older checkpoints may
+        lack the schedule, and weightings the config no longer uses are left behind)."""
+        self.guard.skipped = state.get("nonfinite_skipped", 0)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
+        for key, weighting_state in state["objects"].get("weighting", {}).items():
+            if key in self.weightings:
+                self.weightings[key].load_state_dict(weighting_state)
+        if self.aggregate is not None:
+            self.aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
+
+    def save_checkpoint(self, done: int, required: bool) -> checkpoint.CheckpointError | None:
+        """Checkpoint step ``done`` on every rank together. A failed write is logged; it is returned
+        (to stop the run) when ``required``, else training goes on with the earlier checkpoints."""
+        try:
+            self.dist.sync_buffers(self.model)
+            state = self.state_dict()
+            tensors, objects = state.pop("tensors"), state.pop("objects")
+            checkpoint.save(self.dist, self.run_dir / "checkpoints", done, self.model, self.optimizer, state, tensors,
+                            self.cfg.train.keep_checkpoints, objects=objects,
+                            texts={rundir.CONFIG_FILE: rundir.config_text(self.cfg)})
+            if self.run_record is not None:
+                self.run_record.end_attempt(done)
+        except checkpoint.CheckpointError as e:  # raised on every rank together
+            self.tracker.log_event("checkpoint_failed", {"step": done, "error": str(e)})
+            if required:  # (a preemption stop without its checkpoint fails too)
+                return e
+            if self.dist.is_main:
+                self.progress.write(f"dist-mtl: warning: {e}; training goes on, the earlier checkpoints are kept "
+                                    "(train.checkpoint_required=true stops instead)", file=sys.stderr)
+        return None
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore the model, the optimizer, this rank's RNG and ``state_dict`` from ``path``; returns its step."""
+        state = checkpoint.load(self.dist, path, self.model, self.optimizer)
+        self.load_state_dict(state)
+        return state["step"]
+
+    # -- the end ---------------------------------------------------------------------------------
+    def stop_early(self, done: int, stop: str | None, failure: Exception | None) -> None:
+        """End the attempt after a stop signal (checkpointed at ``done``) or a failure, on every rank
+        together: the run.json entry and W&B first, since SLURM may kill the job soon. Raises the
+        failure, or ``Preempted`` after asking SLURM to requeue."""
+        if self.run_record is not None:
+            self.run_record.end_attempt(done if stop else done - 1, "preempted" if stop else "failed")
+        self.tracker.finish()
+        self.shutdown()
         if failure:
             raise failure
-        outcome = preemption.requeue(dist.is_main, stop)
+        outcome = preemption.requeue(self.dist.is_main, stop)
         raise preemption.Preempted(f"{stop} received: stopped after step {done} and checkpointed it; {outcome}")
-    dist.sync_buffers(model)
-    if not final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
-        final_eval = evaluate(dist, model, data, cfg.train.eval_batch_size)
 
-    digests = dist.check_consistent(model, cfg.train.max_steps)
-    if dist.is_main:
-        _write_final(dist, model, run_dir, data, final_eval)
-        run_record.update(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), param_digests=digests)
-        run_record.end_attempt(cfg.train.max_steps, "finished")
-    tracker.finish()
-    if dist.is_main:  # after W&B's closing lines: the summary is the last thing in a terminal or SLURM log
-        print(format_summary(run_dir, final_eval, data.baselines, time.perf_counter() - started,
-                             cfg.train.max_steps, dist.world_size, start_step=start), flush=True)
-    del engines, weightings, model, optimizer, scheduler  # DDP must go before the process group (see shutdown)
-    dist.shutdown()
-    return TrainResult(run_dir, cfg.train.max_steps, final_eval, digests)
+    def finish(self, started: float) -> TrainResult:
+        """The final evaluation, the replica check, ``final/`` and the summary; then shut down."""
+        cfg, dist = self.cfg, self.dist
+        dist.sync_buffers(self.model)
+        if not self.final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
+            self.final_eval = evaluate(dist, self.model, self.data, cfg.train.eval_batch_size)
+        digests = dist.check_consistent(self.model, cfg.train.max_steps)
+        if dist.is_main:
+            _write_final(dist, self.model, self.run_dir, self.data, self.final_eval)
+            self.run_record.update(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                   param_digests=digests)
+            self.run_record.end_attempt(cfg.train.max_steps, "finished")
+        self.tracker.finish()
+        if dist.is_main:  # after W&B's closing lines: the summary is the last thing in a terminal or SLURM log
+            print(format_summary(self.run_dir, self.final_eval, self.data.baselines, time.perf_counter() - started,
+                                 cfg.train.max_steps, dist.world_size, start_step=self.start), flush=True)
+        self.shutdown()
+        return TrainResult(self.run_dir, cfg.train.max_steps, self.final_eval, digests)
+
+    def shutdown(self) -> None:
+        """Drop the model and everything holding it, then the process group: DDP must go first (see
+        ``Distributed.shutdown``)."""
+        self.engines = self.weightings = self.train_step = self.model = self.optimizer = self.scheduler = None
+        self.dist.shutdown()
+
+
+def _due(every: int, done: int, max_steps: int) -> bool:
+    """Whether a cadence of ``every`` steps (0: never) falls after step ``done``; the last step always does."""
+    return bool(every) and done % every == 0 or done == max_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +402,7 @@ PYTHON_OBJECT = "<python>"
 def task_from_config(t, key: str) -> Task:
     """A run-time Task from a ``python`` source's task block: loss and metrics instantiated."""
     from .plugins import instantiate
-    from .tasks import LOSSES, METRICS
+    from .tasks import LOSSES
 
     loss = t.loss if isinstance(t.loss, str) and t.loss in LOSSES else instantiate(t.loss, f"{key}.loss", call=True)
     metrics = None if t.metrics is None else [
@@ -422,37 +538,70 @@ class StepOutput(StepResult):
     """Updates of this step skipped for non-finite values (``train.on_nonfinite=skip``)."""
 
 
-def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting: Weighting, active: list[str],
-               model: nn.Module, optimizer, scheduler, loader: StepLoader, step: int, guard: NonFiniteGuard,
-               need_global_losses: bool = True, probe: bool = False) -> StepOutput:
-    """One optimizer step: this rank's share of global batch ``step``, through the backward engine,
-    training the ``active`` tasks with ``weighting``, whose inputs are reduced across ranks first.
-    ``guard`` skips (or stops at) an update with non-finite values, on every rank together.
-    ``probe`` measures gradient conflict on the same batch first (``log.grad_conflict``)."""
-    micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
-    faults.corrupt(step + 1, dist.rank, micro_batches)
-    # Each task's global count of labelled elements, before any backward: a task without any at
-    # this step sits it out, on every rank alike.
-    counts = label_counts(dist, engine, loader, micro_batches, cfg.train.batch_size)
-    engine.set_counts(counts, len(micro_batches), loader.complete)
-    active = [name for name in active if counts.get(name, 0) > 0]
-    if not active:  # no label of any trained task in this global batch: nothing to update
-        scheduler.step()
-        return StepOutput(step, weights=weighting.weights(step))
-    if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
-        weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
-    if probe:
-        engine.probe_conflict(step, micro_batches, active)
-    weights = weighting.weights(step)
+class TrainStep:
+    """One optimizer step on this rank: the parts every step uses, bound once (the trainer's, or a
+    benchmark's). Calling it trains one global batch; see ``__call__``."""
 
-    def update(losses: dict[str, Tensor], task: str | None = None) -> None:
+    def __init__(self, cfg: Config, dist: Distributed, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, loader: StepLoader, guard: NonFiniteGuard) -> None:
+        self.cfg, self.dist, self.model, self.optimizer = cfg, dist, model, optimizer
+        self.scheduler, self.loader, self.guard = scheduler, loader, guard
+
+    def __call__(self, step: int, engine: BackwardEngine, weighting: Weighting, active: list[str], *,
+                 need_global_losses: bool = True, probe: bool = False) -> StepOutput:
+        """This rank's share of global batch ``step``, through the backward engine, training the
+        ``active`` tasks with ``weighting``, whose inputs are reduced across ranks first. The guard
+        skips (or stops at) an update with non-finite values, on every rank together. ``probe``
+        measures gradient conflict on the same batch first (``log.grad_conflict``)."""
+        cfg, dist, loader, guard, scheduler = self.cfg, self.dist, self.loader, self.guard, self.scheduler
+        micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
+        faults.corrupt(step + 1, dist.rank, micro_batches)
+        # Each task's global count of labelled elements, before any backward: a task without any at
+        # this step sits it out, on every rank alike.
+        counts = label_counts(dist, engine, loader, micro_batches, cfg.train.batch_size)
+        engine.set_counts(counts, len(micro_batches), loader.complete)
+        active = [name for name in active if counts.get(name, 0) > 0]
+        if not active:  # no label of any trained task in this global batch: nothing to update
+            scheduler.step()
+            return StepOutput(step, weights=weighting.weights(step))
+        if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
+            weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
+        if probe:
+            engine.probe_conflict(step, micro_batches, active)
+        weights = weighting.weights(step)
+
+        self.model.train()
+        skipped_before = guard.skipped
+        losses = engine.run(step, micro_batches, functools.partial(self.update, step, weighting, active), active)
+        scheduler.step()  # also after a skipped update: the schedule is a function of the step
+
+        out = StepOutput(step, active=list(active), local_losses=losses, weights=weights,
+                         skipped=guard.skipped - skipped_before)
+        if need_global_losses or weighting.uses_losses:
+            out.losses = _global(dist, losses)
+        task_grads = engine.take_task_grads()
+        if out.skipped:  # on every rank together: keep the non-finite values out of the weighting's state
+            return out
+        if task_grads:  # GradNorm: the norm of the GLOBAL gradient, not of each rank's (T x |W| numbers)
+            dist.all_reduce_grads_(list(task_grads.values()))
+            out.task_grads = task_grads
+        if weighting.needs_batch_losses:
+            out.losses_after = _global(dist, engine.batch_losses(micro_batches, active))
+        weighting.end_step(out)
+        return out
+
+    def update(self, step: int, weighting: Weighting, active: list[str], losses: dict[str, Tensor],
+               task: str | None = None) -> None:
+        """The engines' ``update``: check the reduced gradients, then step the optimizer (and the
+        weighting's learned weights), or skip the update on every rank together."""
+        cfg, optimizer = self.cfg, self.optimizer
         learned = weighting.parameters(active)
         checked = [p.grad for p in learned if p.grad is not None]
         if cfg.train.grad_clip > 0:  # the clip's norm is non-finite iff a gradient is: one pass serves both
-            checked.append(dist.accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            checked.append(self.dist.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
         else:
             checked += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not guard.allows(step, losses, checked, task):
+        if not self.guard.allows(step, losses, checked, task):
             optimizer.zero_grad(set_to_none=True)
             for p in learned:
                 p.grad = None
@@ -466,26 +615,6 @@ def train_step(cfg: Config, dist: Distributed, engine: BackwardEngine, weighting
         optimizer.zero_grad(set_to_none=True)
         weighting.update_parameters()  # learned weights (their gradients were reduced with the model's)
         encoder["lr"] = scheduled_lr
-
-    model.train()
-    skipped_before = guard.skipped
-    losses = engine.run(step, micro_batches, update, active)
-    scheduler.step()  # also after a skipped update: the schedule is a function of the step
-
-    out = StepOutput(step, active=list(active), local_losses=losses, weights=weights,
-                     skipped=guard.skipped - skipped_before)
-    if need_global_losses or weighting.uses_losses:
-        out.losses = _global(dist, losses)
-    task_grads = engine.take_task_grads()
-    if out.skipped:  # on every rank together: keep the non-finite values out of the weighting's state
-        return out
-    if task_grads:  # GradNorm: the norm of the GLOBAL gradient, not of each rank's (T x |W| numbers)
-        dist.all_reduce_grads_(list(task_grads.values()))
-        out.task_grads = task_grads
-    if weighting.needs_batch_losses:
-        out.losses_after = _global(dist, engine.batch_losses(micro_batches, active))
-    weighting.end_step(out)
-    return out
 
 
 def label_counts(dist: Distributed, engine: BackwardEngine, loader: StepLoader, micro_batches: list,
@@ -508,22 +637,6 @@ def label_counts(dist: Distributed, engine: BackwardEngine, loader: StepLoader, 
     return counts
 
 
-def _resume(dist: Distributed, path: Path, model: nn.Module, optimizer, scheduler, schedule: Schedule,
-            weightings: dict[str, Weighting], aggregate, guard: NonFiniteGuard) -> int:
-    """Restore everything a checkpoint holds; returns its step."""
-    state = checkpoint.load(dist, path, model, optimizer)
-    guard.skipped = state.get("nonfinite_skipped", 0)
-    scheduler.load_state_dict(state["scheduler"])
-    if "schedule" in state:
-        schedule.load_state_dict(state["schedule"])
-    for key, weighting_state in state["objects"].get("weighting", {}).items():
-        if key in weightings:  # a weighting the config no longer uses is left behind
-            weightings[key].load_state_dict(weighting_state)
-    if aggregate is not None:
-        aggregate.load_state_dict(state["tensors"].get("aggregator", {}))
-    return state["step"]
-
-
 def _global(dist: Distributed, values: dict[str, Tensor]) -> dict[str, float]:
     """Each scalar's mean over ranks (every rank holds the same keys in the same order: one collective)."""
     names = list(values)
@@ -538,14 +651,6 @@ def _rank_spread(dist: Distributed, local_losses: dict[str, Tensor]) -> dict[str
     low, high = dist.min_max(torch.stack([local_losses[n] for n in names]).double())
     return {**{f"loss_rank_min/{n}": v for n, v in zip(names, low.tolist())},
             **{f"loss_rank_max/{n}": v for n, v in zip(names, high.tolist())}}
-
-
-def _log_switch(tracker: Tracker, progress, switch: dict) -> None:
-    """A phase switch: a line on the console and an ``event: phase_switch`` record in metrics.jsonl."""
-    if tracker.active:
-        progress.write(f"step {switch['step']}: phase {switch['phase']} (backward={switch['backward']}, "
-                       f"weighting={switch['weighting']}, tasks={switch['tasks']}) after {switch['reason']}")
-    tracker.log_event("phase_switch", switch)
 
 
 @torch.no_grad()
