@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 losses = check_one_batch(cfg)
                 print(dump_yaml(cfg), end="")
-                print("# one batch of 2 training items: " + ", ".join(f"loss/{n} {v:.4g}" for n, v in losses.items()))
+                print("# one batch of 2 training items: " + ", ".join(
+                    f"loss/{n} {v:.4g}" if v == v else f"loss/{n} - (no label in these items)" for n, v in losses.items()))
                 return 0
             print(dump_yaml(cfg), end="")
             return 0

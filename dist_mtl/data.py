@@ -477,7 +477,7 @@ class DatasetSource:
             raise DataError(f"{key}: the dataset is empty")
         self.dataset, self.tasks, self.key = dataset, tasks, key
         self.collate = collate or default_collate
-        self._checked = False
+        self._check(dataset[0], 0)  # before training starts: item 0, the same item validate names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -496,9 +496,6 @@ class DatasetSource:
 
     def batch(self, indices: Tensor) -> tuple:
         items = [self.dataset[int(i)] for i in indices]
-        if not self._checked and items:
-            self._check(items[0], int(indices[0]))
-            self._checked = True
         batch = self.collate(items)
         targets = {}
         for task in self.tasks:

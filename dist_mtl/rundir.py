@@ -159,13 +159,22 @@ def config_diff(old: dict, new: dict, ignore_resumable: bool = True) -> dict[str
             and not (ignore_resumable and resumable(key))}
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
+def _show(old: Any, new: Any, width: int = 50) -> tuple[str, str]:
+    """Both values as short text; long ones are shown from a little before where they first differ
+    (``<python> pkg.Encoder (6,977 parameters, ...)`` against a wider one differ at the count)."""
+    a, b = (json.dumps(v) if not isinstance(v, str) else v for v in (old, new))
+    common = len(os.path.commonprefix([a, b]))
+    cut = max(0, common - 12) if max(len(a), len(b)) > width else 0
+
+    def clip(text: str) -> str:
+        text = ("..." if cut else "") + text[cut:]
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    return clip(a), clip(b)
 
 
 def describe(diff: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
-    items = [f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in diff.items()]
+    items = [f"{key}: {' -> '.join(_show(old, new))}" for key, (old, new) in diff.items()]
     more = f"; and {len(items) - limit} more" if len(items) > limit else ""
     return "; ".join(items[:limit]) + more
 

@@ -17,6 +17,8 @@ from pathlib import Path
 # MSE is what the loss optimises and what docs/weighting.md's table quotes).
 HEADLINE: list[tuple[str, bool]] = [("accuracy", True), ("rmse", False), ("mse", False)]
 """(metric, higher_is_better) pairs, shown in this order when a task has them."""
+OTHER: list[tuple[str, bool]] = [("mae", False)]
+"""Registered metrics shown when a task has none of ``HEADLINE`` (a task that asked for them only)."""
 
 
 def task_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -30,9 +32,11 @@ def task_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def headline_metrics(available: list[str] | dict) -> list[tuple[str, bool]]:
-    """The metrics to show for a task that has ``available``, as (name, higher_is_better); the
-    task's loss (lower is better) when it has none of the usual ones (a custom metric set)."""
+    """The metrics to show for a task that has ``available``, as (name, higher_is_better): the
+    usual ones (``HEADLINE``), else the other registered ones it has (``OTHER``), else its loss
+    (lower is better; a custom metric set, whose direction is unknown)."""
     shown = [(name, higher) for name, higher in HEADLINE if name in available]
+    shown = shown or [(name, higher) for name, higher in OTHER if name in available]
     return shown or ([("loss", False)] if "loss" in available else [])
 
 
@@ -102,7 +106,11 @@ def format_summary(run_dir: str | Path, metrics: dict[str, float], baselines: di
             rows.append((task, metric, format_value(metric, values[metric]), format_value(metric, base),
                          word, direction))
     if len(rows) > 1:
-        lines.append("final validation metrics; baseline: predict the train mean (regression) or majority class")
+        if baselines:
+            lines.append("final validation metrics; baseline: predict the train mean (regression) or majority class")
+        else:  # (a dataset of the user's: its targets are not read ahead of training)
+            lines.append("final validation metrics (trivial baselines are computed for table data only)")
+            rows = [row[:3] + ("", "", "") for row in rows]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
             # names left-aligned, numbers right-aligned so that their decimal points line up

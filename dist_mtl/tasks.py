@@ -187,6 +187,11 @@ class Task:
     def __post_init__(self) -> None:
         if self.target is None:
             self.target = self.name
+        if self.kind is not None and self.kind not in KIND_LOSSES:
+            close = difflib.get_close_matches(str(self.kind), list(KIND_LOSSES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"task {self.name!r}: unknown kind {self.kind!r}{hint}; kinds: "
+                             f"{', '.join(KIND_LOSSES)}, or None for a custom task")
         if self.loss is None:
             if self.kind not in KIND_LOSSES:
                 raise UsageError(f"task {self.name!r}: give a loss (a name: {', '.join(sorted(LOSSES))}, or a "
@@ -216,6 +221,8 @@ class Task:
             else:
                 raise UsageError(f"task {self.name!r}: a metric must be a name or a callable, got {metric!r}")
         self._derived = [m for m in names if isinstance(m, str) and m in DERIVED]
+        # A derived metric's base (rmse's mse) is summed but only reported if it was asked for too.
+        self._unreported = {DERIVED[m][0] for m in self._derived} - {m for m in names if isinstance(m, str)}
 
     @property
     def loss_name(self) -> str:
@@ -308,6 +315,8 @@ class Task:
         for name in self._derived:
             base, finish = DERIVED[name]
             metrics[name] = finish(metrics[base])
+        for name in self._unreported:
+            del metrics[name]
         return metrics
 
 

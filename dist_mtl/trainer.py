@@ -376,8 +376,8 @@ def resolve_tasks(cfg: Config, tasks: list[Task] | None, model, train_data) -> l
                                 mask=t.mask, num_classes=t.num_classes or None if t.kind == "classification" else None)
                      for t in tasks]
     if model is not None:  # recorded for config.yaml and for comparing reruns
-        cfg.model.encoder = _describe(getattr(model, "encoder", model))
-        cfg.model.heads = {name: _describe(head) for name, head in getattr(model, "heads", {}).items()}
+        cfg.model.encoder = _describe_module(getattr(model, "encoder", model))
+        cfg.model.heads = {name: _describe_module(head) for name, head in getattr(model, "heads", {}).items()}
     validate(cfg, world_size=env_world_size())
     if not cfg.tasks:
         raise ConfigError("tasks", "at least one task is required: a list of {name, kind, target} in the config, or "
@@ -393,6 +393,20 @@ def _describe(obj) -> str:
         return obj
     cls = obj if isinstance(obj, type) or callable(obj) and not isinstance(obj, nn.Module) else type(obj)
     return f"{PYTHON_OBJECT} {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', type(cls).__name__)}"
+
+
+def _describe_module(module) -> str:
+    """``_describe`` of a module given to ``fit`` plus its size and a digest of its state's names,
+    shapes and dtypes, so that a rerun with another architecture in the same output_dir is refused
+    like any other config change (``<python> pkg.Encoder (1,234 parameters, shapes 3fa2b1c0)``)."""
+    if not isinstance(module, nn.Module):
+        return _describe(module)
+    import hashlib
+
+    state = module.state_dict(keep_vars=True)
+    layout = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state.items())
+    count = sum(p.numel() for p in module.parameters())
+    return f"{_describe(module)} ({count:,} parameters, shapes {hashlib.sha1(layout.encode()).hexdigest()[:8]})"
 
 
 PYTHON_OBJECT = "<python>"
@@ -455,6 +469,9 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
             else:
                 raise ConfigError(f"model.heads.{task.name}", "no head for this task: the encoder has no out_dim for "
                                   "the default MLP head; give {class_path, init_args} of a head")
+        defaults = [task.name for task in data.tasks if task.name not in m.heads]
+        if defaults and m.encoder != "mlp" and not getattr(encoder, "per_task_features", False):
+            _check_default_heads(encoder, data, defaults)
         model = MultiTaskModel(encoder, heads)
     else:
         check_not_sharded(model)
@@ -470,6 +487,26 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
     if cfg.model.sync_batchnorm:  # (refused on several CPU processes by the config's validation)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _check_default_heads(encoder: nn.Module, data: MultiTaskData, tasks: list[str]) -> None:
+    """The default MLP head reads one tensor of ``out_dim`` features: say which task lacks a head
+    when the encoder returns a dict (one training item through the encoder, in eval mode, no grad)."""
+    group = next(g for g in data.groups if any(t.name in tasks for t in g.tasks))
+    inputs, _ = group.train.batch(torch.arange(1))
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            features = encoder(inputs)
+    except Exception:  # the forward's own error is reported with its batch by check_one_batch / training
+        return
+    finally:
+        encoder.train(was_training)
+    if isinstance(features, dict):
+        raise ConfigError(f"model.heads.{tasks[0]}", f"no head for this task, and the default MLP head needs tensor "
+                          f"features, but the encoder returns a dict (keys: {', '.join(map(str, features))}); give "
+                          "{class_path, init_args} of a head that reads the dict")
 
 
 def exactness_warnings(model: nn.Module, cfg: Config, world_size: int) -> list[str]:
@@ -504,7 +541,8 @@ def check_one_batch(cfg: Config, model: nn.Module | None = None, tasks: list[Tas
                     val_data=None, collate_fn=None) -> dict[str, float]:
     """What ``dist-mtl validate`` does beyond the config: build the tasks, the data and the model
     exactly as training would, and push a batch of two training items through the model and every
-    task's loss (on this process, no process group). Returns each task's loss; raises UsageError
+    task's loss (on this process, no process group). Returns each task's loss (NaN for a task with no
+    label in those items); raises UsageError
     (exit 2) naming what does not fit."""
     tasks = resolve_tasks(cfg, tasks, model, train_data)
     data = build_data(cfg, tasks, train_data, val_data, collate_fn)
@@ -522,7 +560,8 @@ def check_one_batch(cfg: Config, model: nn.Module | None = None, tasks: list[Tas
                 raise UsageError(f"model: the forward pass failed on a batch of 2 training items: "
                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
             for task in group.tasks:
-                losses[task.name] = float(task.mean_loss(outputs[task.name], targets[task.name]))
+                loss = task.mean_loss(outputs[task.name], targets[task.name])  # (also checks the loss's shape)
+                losses[task.name] = float(loss) if task.count(targets[task.name]) > 0 else math.nan
     return losses
 
 

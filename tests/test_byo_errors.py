@@ -58,6 +58,16 @@ class NoWidthEncoder(nn.Module):
 
     def forward(self, inputs):
         return self.lin(inputs["num"])
+
+
+class DictEncoder(NoWidthEncoder):
+    """Features as a dict (as dense encoders give them) and an out_dim: the default MLP head reads
+    a tensor, so a task without a head of its own cannot work."""
+
+    out_dim = 4
+
+    def forward(self, inputs):
+        return {"pooled": self.lin(inputs["num"])}
 '''
 
 FIT_CASE = '''\
@@ -94,6 +104,18 @@ if case == "loss_shape":  # a loss that averages (reduction="mean") instead of p
     tasks[0] = dist_mtl.Task("price", loss=lambda out, y: ((out - y) ** 2).mean(), target="price")
 if case == "no_target":
     tasks[1] = dist_mtl.Task("cut", loss="ce", target="cut_label", kind="classification", num_classes=5)
+if case == "kind_typo":  # refused when the Task is made, before fit
+    try:
+        dist_mtl.Task("price", loss=log_cosh, target="price", kind="regresion")
+    except dist_mtl.UsageError as e:
+        print(f"{type(e).__name__}: {e}")
+        sys.exit(2)
+if case == "rerun_wider":  # a finished run, then the same script with a wider model in the same output_dir
+    dist_mtl.fit(cfg, model=model, tasks=tasks, train_data=data)
+    torch.manual_seed(0)
+    cfg = dist_mtl.load_config({"output_dir": output_dir, "train": {"max_steps": 2, "batch_size": 8},
+                                "log": {"wandb": "disabled", "progress": False}})
+    model = dist_mtl.MultiTaskModel(TabularEncoder(12), {"price": PriceHead(12), "cut": nn.Linear(12, 5)})
 
 
 class RenamedInputs(torch.utils.data.Dataset):
@@ -147,6 +169,14 @@ CLI_CASES = {
     "missing_head": ("validate", ["model.encoder={class_path: bad_plugins.NoWidthEncoder}",
                                   "model.heads={price: {class_path: examples.my_model.PriceHead, init_args: {width: 4}}}"],
                      ["model.heads.cut: no head for this task", "out_dim"]),
+    # trainer._check_default_heads: a default MLP head cannot read dict features
+    "dict_features_default_head": ("validate", ["model.encoder={class_path: bad_plugins.DictEncoder}",
+                                                "model.heads={price: {class_path: examples.my_model.PriceHead, "
+                                                "init_args: {width: 4}}}"],
+                                   ["model.heads.cut: no head for this task", "the encoder returns a dict (keys: pooled)"]),
+    "dict_features_default_head_train": ("train", ["model.encoder={class_path: bad_plugins.DictEncoder}",
+                                                   "model.heads={}", *QUIET],
+                                         ["model.heads.price: no head for this task", "returns a dict"]),
     # trainer.check_one_batch: the model does not run on a real batch (a head of the wrong width)
     "forward_fails": ("validate", ["model.heads.cut.init_args.in_features=16"],
                       ["model: the forward pass failed on a batch of 2 training items", "RuntimeError"]),
@@ -179,6 +209,11 @@ FIT_CASES = {
     "loss_shape": ["UsageError: tasks.price.loss: <lambda> returned shape () for a target of shape (8,)"],
     "no_inputs": ["DataError: train_data: item", "has no key 'inputs'", "its keys: price, cut, features"],
     "no_target": ["DataError: train_data: item", "has no key 'cut_label' (the target of task 'cut')"],
+    # Task.__post_init__: the kinds are a registry too
+    "kind_typo": ["UsageError: task 'price': unknown kind 'regresion' (did you mean 'regression'?)"],
+    # trainer._describe_module + rundir.plan_start: the architecture is part of the run's record
+    "rerun_wider": ["ConfigError:", "holds a run with a different config", "model.encoder: ...",
+                    "Encoder (", " parameters, shapes ", "model.heads.price: ...", "to train this config use a new"],
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_mtl.config import Config, ModelConfig, TaskConfig, TrainConfig
+from dist_mtl.errors import UsageError
 from dist_mtl.models import ENCODERS, build_model
 from dist_mtl.tasks import Task
 from dist_mtl.trainer import build_optimizer, lr_factor
@@ -52,6 +53,25 @@ def test_task_loss_and_metric_sums_agree(kind, classes):
     else:
         predicted = out.argmax(-1) if kind == "classification" else (out.squeeze(-1) > 0).float()
         assert metrics["accuracy"] == (predicted == target).sum().item() / 10
+
+
+def test_metrics_are_the_ones_asked_for():
+    """A derived metric's base is summed for it but reported only if asked for too (rmse needs mse)."""
+    torch.manual_seed(0)
+    out, target = torch.randn(8, 1), torch.randn(8)
+    for asked, reported in ([["rmse", "mae"], {"loss", "rmse", "mae"}], [["mse", "rmse"], {"loss", "mse", "rmse"}],
+                            [None, {"loss", "mse", "rmse", "mae"}]):  # None: the regression kind's own
+        task = Task("t", "mse", kind="regression", metrics=asked)
+        sums = {k: v.item() for k, v in task.metric_sums(out, target).items()}
+        metrics = task.metrics_from_sums(sums)
+        assert set(metrics) == reported, asked
+        assert math.isclose(metrics["rmse"], math.sqrt(sums["mse"] / sums["count"]))
+
+
+def test_a_misspelt_kind_is_refused_with_a_near_miss():
+    with pytest.raises(UsageError, match=r"task 'price': unknown kind 'regresion' \(did you mean 'regression'\?\)"):
+        Task("price", loss="mse", kind="regresion")
+    assert Task("custom", loss="l1", kind=None).kind is None
 
 
 def test_static_weights_come_from_tasks_or_mtl_weights():

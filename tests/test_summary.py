@@ -66,8 +66,14 @@ def test_header_says_steps_processes_and_wall_time_and_footer_where_things_are()
 
 
 def test_without_baselines_or_metrics_it_still_reads():
+    partial = format_summary("/r", METRICS, {"price": BASELINES["price"]}, 5, 5, 1)  # one task without one
+    assert "no baseline" in rows(partial)["cut", "accuracy"] and "-" in rows(partial)["cut", "accuracy"].split()
+    assert "better (lower is better)" in words(rows(partial)["price", "rmse"])
+    # A user's datasets have none at all: the header says so instead of promising them on every row.
     text = format_summary("/r", METRICS, {}, 5, 5, 1)
-    assert "no baseline" in rows(text)["cut", "accuracy"] and "-" in rows(text)["cut", "accuracy"].split()
+    assert "trivial baselines are computed for table data only" in text and "predict the train mean" not in text
+    assert "baseline" not in text.replace("trivial baselines", "")
+    assert words(next(line for line in text.splitlines() if line.startswith("  cut"))) == "cut accuracy 78.5 %"
     assert "no metrics were computed" in format_summary("/r", {}, {}, 5, 5, 1)
 
 
@@ -75,6 +81,8 @@ def test_headline_metrics_by_task_kind():
     assert headline_metrics(["loss", "accuracy"]) == [("accuracy", True)]  # classification and binary
     assert headline_metrics(["loss", "mse", "rmse", "mae"]) == [("rmse", False), ("mse", False)]
     assert headline_metrics(["loss", "f1_custom"]) == [("loss", False)]
+    assert headline_metrics(["loss", "mae"]) == [("mae", False)]  # a task that asked for MAE only
+    assert headline_metrics(["loss", "rmse", "mae"]) == [("rmse", False)]
     assert headline_metrics([]) == []
 
 
