@@ -156,7 +156,7 @@ def make_torchjd_aggregator(name: str, args: dict, num_tasks: int) -> torch.nn.M
         kwargs["n_tasks"] = num_tasks
     try:
         return cls(**kwargs)
-    except ImportError as e:
+    except ImportError:
         # torchjd's own message suggests its underscore-spelled extras, which pip 23 ignores: not relayed.
         raise AggregatorUnavailable(f"{name!r} needs optional solver packages that are not installed; install "
                                     f"them with: {install_hint(spec.extra)}") from None
