@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 TaskKind = Literal["regression", "classification", "binary"]
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -464,8 +463,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         shown = name if isinstance(name, str) and name.strip() == name and name else repr(name)  # '' or ' a'
         key = f"{prefix}.{shown}" if prefix else str(shown)
         if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            hint = did_you_mean(name, fields, show=lambda field: f"'{prefix + '.' if prefix else ''}{field}'")
             raise ConfigError(key, f"unknown key{hint}; allowed here: {', '.join(fields)}")
         kwargs[name] = _convert(value, hints[name], key)
     missing = [n for n, f in fields.items() if n not in kwargs
@@ -671,8 +669,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def _check_name(name: str, registry: dict, key: str) -> None:
     if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, registry, show=lambda known: f"'{known}'")
         raise ConfigError(key, f"unknown name {name!r}{hint}; allowed: {', '.join(sorted(registry))}")
 
 
@@ -891,7 +888,7 @@ _ALL_TASKS_AGGREGATORS = ("nashmtl",)
 def _check_plugin(spec: Any, registry: dict, key: str, call: bool = True) -> None:
     """A short name, dotted path or ``{class_path, init_args}`` that resolves: the path imports and
     the arguments fit the signature (without building anything: that happens at run time)."""
-    from .plugins import import_path, is_spec
+    from .plugins import check_arguments, import_path, is_spec
 
     if isinstance(spec, str) and spec.startswith("<python> "):  # an object given in code (fit), recorded
         return
@@ -899,7 +896,7 @@ def _check_plugin(spec: Any, registry: dict, key: str, call: bool = True) -> Non
         target = import_path(spec["class_path"], f"{key}.class_path", registry)
         args = spec.get("init_args") or {}
         _require(isinstance(args, dict), f"{key}.init_args", f"must be a mapping, got {args!r}")
-        _check_arguments(target, args, key)
+        check_arguments(target, args, key)
         for name, value in args.items():
             if is_spec(value):
                 _check_plugin(value, registry, f"{key}.init_args.{name}")
@@ -911,23 +908,6 @@ def _check_plugin(spec: Any, registry: dict, key: str, call: bool = True) -> Non
     else:
         raise ConfigError(key, f"expected a name, a dotted path or {{class_path, init_args}}, got {spec!r}")
 
-
-def _check_arguments(target: Any, args: dict, key: str) -> None:
-    import inspect
-
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for arg in args:
-        if arg not in params:
-            close = difflib.get_close_matches(str(arg), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}.init_args.{arg}", f"{getattr(target, '__qualname__', target)} takes no argument "
-                              f"{arg!r}{hint}; its arguments: {', '.join(allowed) or 'none'}")
 
 
 def _validate_data(d: DataConfig, key: str) -> None:

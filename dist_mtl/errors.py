@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Iterable
+
+
+def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str] = repr, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``name`` (difflib's ratio at least
+    ``cutoff``), shown by ``show``; ``""`` when nothing is close. Every registry and key check
+    words its near miss this way."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {show(close[0])}?)" if close else ""
+
 
 class UsageError(Exception):
     """Bad usage, config or input data. The CLI prints ``str(error)`` as one line and exits 2."""

@@ -119,10 +119,20 @@ class MultiTaskModel(nn.Module):
         owned = getattr(self.encoder, "task_parameters", None)
         return {name: [p for p in params if p.requires_grad] for name, params in owned().items()} if owned else {}
 
+    def _owned_ids(self) -> set[int]:
+        return {id(p) for params in self.task_owned().values() for p in params}
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The encoder's trainable parameters that no single task owns, in a fixed order."""
-        owned = {id(p) for params in self.task_owned().values() for p in params}
+        owned = self._owned_ids()
         return [p for p in self.encoder.parameters() if p.requires_grad and id(p) not in owned]
+
+    def _shared_weight_layers(self) -> list[tuple[str, nn.Module]]:
+        """The encoder's (name, module) pairs with a trainable, shared weight matrix (2-D or more),
+        in registration order: GradNorm's candidates for W."""
+        owned = self._owned_ids()
+        return [(n, m) for n, m in self.encoder.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
+                and m.weight.dim() >= 2 and m.weight.requires_grad and id(m.weight) not in owned]
 
     def head_parameters(self, tasks: list[str]) -> list[nn.Parameter]:
         """The trainable parameters of these tasks (their heads, and what they own in the encoder),
@@ -141,25 +151,19 @@ class MultiTaskModel(nn.Module):
                 raise UsageError(f"mtl.weighting_args.layer: {name!r} is not a module with a weight in the encoder; "
                                  f"modules with weights: {', '.join(_weighted(self.encoder)[-8:])}")
             return [modules[name].weight]
-        owned = {id(p) for params in self.task_owned().values() for p in params}
-        layers = [m for m in self.encoder.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
-                  and m.weight.dim() >= 2 and m.weight.requires_grad and id(m.weight) not in owned]
+        layers = self._shared_weight_layers()
         if not layers:
             raise UsageError("mtl.weighting: gradnorm needs a shared layer with a weight matrix in the encoder")
-        return [layers[-1].weight]
+        return [layers[-1][1].weight]
 
     @torch.no_grad()
     def find_last_layer(self, inputs: Any) -> str | None:
         """Record, with one forward of ``inputs``, the last encoder module with a weight matrix that
         the forward runs, shared by every task (a pooler that HF models build but that the features
         do not go through is skipped this way). Sets it as GradNorm's default layer."""
-        owned = {id(p) for params in self.task_owned().values() for p in params}
         order: list[str] = []
-        names = {m: n for n, m in self.encoder.named_modules()}
-        hooks = [m.register_forward_hook(lambda mod, args, out: order.append(names[mod]))
-                 for m in self.encoder.modules()
-                 if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() >= 2
-                 and m.weight.requires_grad and id(m.weight) not in owned]
+        hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+                 for name, m in self._shared_weight_layers()]
         try:
             self.encoder(inputs)
         finally:

@@ -15,7 +15,6 @@ validate`` turns every such mistake into one line and exit 2.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import pkgutil
@@ -24,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 SPEC_KEYS = {"class_path", "init_args"}
 
@@ -41,10 +40,9 @@ def import_path(path: str, key: str, registry: Mapping[str, Any] | None = None) 
         return import_path(value, key) if isinstance(value, str) else value
     if not isinstance(path, str) or "." not in path:
         known = sorted(registry or {})
-        close = difflib.get_close_matches(str(path), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         allowed = f"registered names: {', '.join(known)}, or " if known else ""
-        raise ConfigError(key, f"unknown name {path!r}{hint}; allowed: {allowed}a dotted path pkg.module.Name")
+        raise ConfigError(key, f"unknown name {path!r}{did_you_mean(path, known)}; allowed: {allowed}a dotted path "
+                          "pkg.module.Name")
     module_name, _, attr = path.rpartition(".")
     _with_cwd_on_path()
     try:
@@ -58,8 +56,7 @@ def import_path(path: str, key: str, registry: Mapping[str, Any] | None = None) 
         raise ConfigError(key, f"importing {module_name!r} failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not hasattr(module, attr):
         names = [n for n in dir(module) if not n.startswith("_")]
-        close = difflib.get_close_matches(attr, names, n=1)
-        hint = f" (did you mean '{module_name}.{close[0]}'?)" if close else ""
+        hint = did_you_mean(attr, names, show=lambda name: f"'{module_name}.{name}'")
         raise ConfigError(key, f"{module_name!r} has no {attr!r}{hint}")
     return getattr(module, attr)
 
@@ -74,9 +71,10 @@ def _module_hint(missing: str, path: str) -> str:
         names = [m.name for m in pkgutil.iter_modules(where)]
     except Exception:  # the parent failed too, or is not a package: no suggestion
         names = []
-    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6 if parent else 0.75)
-    if close:
-        return f" (did you mean {path.replace(missing, f'{parent}.{close[0]}' if parent else close[0], 1)!r}?)"
+    hint = did_you_mean(leaf, names, show=lambda name: repr(path.replace(missing, f"{parent}.{name}" if parent else name, 1)),
+                        cutoff=0.6 if parent else 0.75)
+    if hint:
+        return hint
     if not parent:
         return f"; modules are imported from the installed packages and the working directory ({Path.cwd()})"
     return ""
@@ -114,6 +112,23 @@ def instantiate(spec: Any, key: str, registry: Mapping[str, Any] | None = None, 
     raise ConfigError(key, f"expected a name, a dotted path or {{class_path, init_args}}, got {spec!r}")
 
 
+def check_arguments(target: Any, args: Mapping[str, Any], key: str) -> None:
+    """Refuse (ConfigError naming ``key.init_args.<arg>``, with a near miss) an argument that
+    ``target``'s signature does not take. A signature that cannot be read, or one with
+    ``**kwargs``, takes anything."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for arg in args:
+        if arg not in params:
+            raise ConfigError(f"{key}.init_args.{arg}", f"{getattr(target, '__qualname__', target)} takes no argument "
+                              f"{arg!r}{did_you_mean(arg, allowed)}; its arguments: {', '.join(allowed) or 'none'}")
+
+
 def _call(target: Any, args: dict, runtime: dict, key: str) -> Any:
     """``target(**args, **runtime)`` after checking ``args`` against its signature."""
     if not callable(target):
@@ -126,13 +141,7 @@ def _call(target: Any, args: dict, runtime: dict, key: str) -> Any:
     if signature is not None:
         params = signature.parameters
         takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        for arg in args:
-            if arg not in params and not takes_any:
-                close = difflib.get_close_matches(arg, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{key}.init_args.{arg}", f"{name} takes no argument {arg!r}{hint}; "
-                                  f"its arguments: {', '.join(allowed) or 'none'}")
+        check_arguments(target, args, key)
         runtime = {k: v for k, v in runtime.items() if k not in args and (k in params or takes_any)}
         missing = [n for n, p in params.items() if p.default is p.empty and n not in args and n not in runtime
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -228,9 +228,10 @@ def plan_start(cfg: Config, run_dir: Path) -> StartPlan:
                               f"{run_dir} to start over")
     if explicit and resume_path is not None:
         old = read_config_dict(resume_path / CONFIG_FILE) or old
-        if old is not None and config_diff(old, new):
-            warn(f"resuming {resume_path}, which was trained with another config "
-                 f"({describe(config_diff(old, new))}), as train.resume asks")
+        diff = config_diff(old, new) if old is not None else {}
+        if diff:
+            warn(f"resuming {resume_path}, which was trained with another config ({describe(diff)}), "
+                 "as train.resume asks")
     if old is not None:
         changed = {k: v for k, v in config_diff(old, new, ignore_resumable=False).items()
                    if k not in ("train.resume", "output_dir")}

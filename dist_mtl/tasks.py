@@ -12,7 +12,6 @@ elements, from globally all-reduced sums and counts (no sample counted twice or 
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 IGNORE_INDEX = -100
 """A missing label in an integer target (PyTorch's ``ignore_index``)."""
@@ -147,9 +146,8 @@ KIND_METRICS: dict[str, list[str]] = {
 
 
 def _registry_error(kind: str, name: str, registry: dict) -> UsageError:
-    close = difflib.get_close_matches(name, list(registry), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return UsageError(f"unknown {kind} {name!r}{hint}; registered: {', '.join(sorted(registry))}")
+    return UsageError(f"unknown {kind} {name!r}{did_you_mean(name, registry)}; registered: "
+                      f"{', '.join(sorted(registry))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +186,10 @@ class Task:
         if self.target is None:
             self.target = self.name
         if self.kind is not None and self.kind not in KIND_LOSSES:
-            close = difflib.get_close_matches(str(self.kind), list(KIND_LOSSES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"task {self.name!r}: unknown kind {self.kind!r}{hint}; kinds: "
-                             f"{', '.join(KIND_LOSSES)}, or None for a custom task")
+            raise UsageError(f"task {self.name!r}: unknown kind {self.kind!r}{did_you_mean(self.kind, KIND_LOSSES)}; "
+                             f"kinds: {', '.join(KIND_LOSSES)}, or None for a custom task")
         if self.loss is None:
-            if self.kind not in KIND_LOSSES:
+            if self.kind is None:
                 raise UsageError(f"task {self.name!r}: give a loss (a name: {', '.join(sorted(LOSSES))}, or a "
                                  "callable returning per-element losses) or a kind (regression, classification, binary)")
             self.loss = KIND_LOSSES[self.kind][0]
@@ -300,8 +296,9 @@ class Task:
         values, mask = self.element_losses(output, target)
         sums = {"loss": values.double().sum(), "count": mask.sum().double()}
         zero = torch.zeros((), dtype=torch.float64, device=values.device)
+        output, target = output.float(), self.fillable(target)
         for name, fn in self.metric_fns.items():
-            per_element = fn(output.float(), self.fillable(target)).double()
+            per_element = fn(output, target).double()
             sums[name] = torch.where(mask, per_element, zero).sum()
         return sums
 

@@ -11,9 +11,9 @@ make (a weight tied between two heads, a parameter outside the encoder and the h
 Each case was checked against a planted removal of the check it covers (the comment above each
 case names it), in a copy of the checkout, running the case alone: all 15 removals made their
 cases fail (a missing near miss, exit 0 for a loss of the wrong shape or exit 1 with a traceback for
-a dataset item without "inputs", a tied weight or a failing forward, ...). One is caught twice:
-unknown ``init_args`` are refused by the config check (config._check_arguments) and again when
-building (plugins._call); removing only the first leaves the case passing, removing both fails it.
+a dataset item without "inputs", a tied weight or a failing forward, ...). One check answers twice:
+unknown ``init_args`` are refused by ``plugins.check_arguments``, which the config check runs and
+building runs again (plugins._call); the config check alone already makes the case pass.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ CLI_CASES = {
     # a loss given by dotted path, misspelt
     "misspelt_loss": ("validate", ["tasks.price.loss=examples.my_model.log_cos"],
                       ["tasks[0].loss:", "(did you mean 'examples.my_model.log_cosh'?)"]),
-    # config._check_arguments and plugins._call: init_args against the signature
+    # plugins.check_arguments (from the config check and from plugins._call): init_args against the signature
     "unknown_init_arg": ("validate", ["model.encoder.init_args.widht=16"],
                          ["model.encoder.init_args.widht: TabularEncoder takes no argument 'widht'",
                           "(did you mean 'width'?)", "its arguments: width,"]),

@@ -17,14 +17,13 @@ What a method may ask for (class attributes), and who provides it:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -80,8 +79,7 @@ class Weighting:
         unknown = sorted(set(args) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
-            close = difflib.get_close_matches(unknown[0], list(self.defaults), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(unknown[0], self.defaults, show=lambda known: f"'{known}'")
             raise ConfigError(f"{self.key}.{unknown[0]}", f"unknown argument{hint} for weighting "
                               f"{type(self).name!r}; allowed: {allowed}")
         return {**self.defaults, **args}
