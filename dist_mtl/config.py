@@ -81,7 +81,23 @@ class DataConfig:
     """``source: python``: the validation dataset, as ``train``. Without it nothing is evaluated."""
     collate: str | None = None
     """``source: python``: a dotted path to the function that makes a batch (a dict) from a list of
-    items. Default: ``torch.utils.data.default_collate``."""
+    items. Default: the dataset's own ``collate`` attribute if it has one, else
+    ``torch.utils.data.default_collate``."""
+    num_workers: int = 0
+    """Map-style datasets (``source: python``, ``fit``): worker processes per training process
+    that read, decode and augment items ahead of the loop (``torch.utils.data.DataLoader``). 0
+    reads them in the training process. In-memory tables ignore it."""
+    prefetch_factor: int = 2
+    """Micro-batches each worker reads ahead."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory for faster copies to the GPU (GPU runs only)."""
+    skip_bad_examples: bool = False
+    """An item that cannot be read (a corrupt image, a null text, a missing key) is an error that
+    names it (exit 2). With true, it is left out of its micro-batch (the global label counts
+    keep every task's loss exact), counted in the log as ``data/skipped``, and named on stderr."""
+    worker_timeout_s: int = 300
+    """Seconds the training process waits for a worker's micro-batch before failing (a stuck
+    read, a dead file system) instead of hanging."""
 
 
 @dataclass
@@ -912,6 +928,9 @@ def _check_plugin(spec: Any, registry: dict, key: str, call: bool = True) -> Non
 
 def _validate_data(d: DataConfig, key: str) -> None:
     _require(0.0 < d.val_fraction < 1.0, f"{key}.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _require(d.num_workers >= 0, f"{key}.num_workers", f"must be >= 0 (0 reads in the training process), got {d.num_workers}")
+    _require(d.prefetch_factor >= 1, f"{key}.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
+    _require(d.worker_timeout_s > 0, f"{key}.worker_timeout_s", f"must be > 0 seconds, got {d.worker_timeout_s}")
     _require(d.features is None or len(d.features) > 0, f"{key}.features",
              "the list is empty; name at least one input column, or omit it for every numeric column")
     twice = sorted({name for name in d.features or [] if d.features.count(name) > 1})

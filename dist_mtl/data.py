@@ -10,6 +10,7 @@ takes an equal, disjoint share of it. Nothing depends on the number of processes
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -460,7 +461,9 @@ class DatasetSource:
     (and per mask key). ``collate`` (default ``torch.utils.data.default_collate``) makes the batch
     dict from the items. A task's mask turns its False elements into missing labels (NaN, -100).
     Any ``torch.utils.data.Dataset`` or ``datasets.Dataset`` (with a torch format or a transform)
-    works. ``key`` names the dataset in errors (``data.train``, ``train_data``).
+    works. A dataset with a ``collate`` attribute (a function of a list of items: per-batch text
+    padding, say) uses it when no ``collate`` is given. ``key`` names the dataset in errors
+    (``data.train``, ``train_data``).
     """
 
     complete_tasks: tuple[str, ...] = ()  # unknown without reading every item: counted per step
@@ -476,8 +479,12 @@ class DatasetSource:
         if size == 0:
             raise DataError(f"{key}: the dataset is empty")
         self.dataset, self.tasks, self.key = dataset, tasks, key
-        self.collate = collate or default_collate
-        self._check(dataset[0], 0)  # before training starts: item 0, the same item validate names
+        self.collate = collate or getattr(dataset, "collate", None) or default_collate
+        try:
+            first = dataset[0]
+        except Exception:  # an unreadable item: training names it (or skips it, data.skip_bad_examples)
+            return
+        self._check(first, 0)  # before training starts: item 0, the same item validate names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -495,7 +502,11 @@ class DatasetSource:
                                 f"{', '.join(map(str, item))}")
 
     def batch(self, indices: Tensor) -> tuple:
-        items = [self.dataset[int(i)] for i in indices]
+        """Items ``indices`` read in this process (as they are: no seeding), collated."""
+        return self.from_items([self.dataset[int(i)] for i in indices])
+
+    def from_items(self, items: list) -> tuple:
+        """``(inputs, {task: target})`` of a list of items: collated, masks applied."""
         batch = self.collate(items)
         targets = {}
         for task in self.tasks:
@@ -571,20 +582,32 @@ class GlobalBatchSampler:
         return step * self.batch_size / self.num_rows
 
     def global_batch(self, step: int) -> Tensor:
+        """The row indices of global batch ``step`` (``batch_size`` of them)."""
+        return self.global_batch_epochs(step)[0]
+
+    def global_batch_epochs(self, step: int) -> tuple[Tensor, Tensor]:
+        """The row indices of global batch ``step`` and the epoch each position belongs to (a batch
+        that straddles two epochs reads the end of one permutation and the start of the next)."""
         start = step * self.batch_size
         stop = start + self.batch_size
-        pieces = []
+        pieces, epochs = [], []
         while start < stop:
             epoch, offset = divmod(start, self.num_rows)
             take = min(stop - start, self.num_rows - offset)
             pieces.append(self._permutation(epoch)[offset:offset + take])
+            epochs.append(torch.full((take,), epoch, dtype=torch.long))
             start += take
-        return torch.cat(pieces)
+        return torch.cat(pieces), torch.cat(epochs)
 
     def local_batches(self, step: int, rank: int, world: int, accum: int) -> list[Tensor]:
-        indices = self.global_batch(step)
+        return [indices for indices, _ in self.local_pieces(step, rank, world, accum)]
+
+    def local_pieces(self, step: int, rank: int, world: int, accum: int) -> list[tuple[Tensor, Tensor]]:
+        """``local_batches`` with each position's epoch: ``accum`` pairs of (indices, epochs)."""
+        indices, epochs = self.global_batch_epochs(step)
         size = self.batch_size // (world * accum)
-        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size] for m in range(accum)]
+        cuts = [slice((m * world + rank) * size, (m * world + rank + 1) * size) for m in range(accum)]
+        return [(indices[cut], epochs[cut]) for cut in cuts]
 
 
 def eval_shard(num_rows: int, rank: int, world: int) -> Tensor:
@@ -596,13 +619,28 @@ def eval_shard(num_rows: int, rank: int, world: int) -> Tensor:
 class StepLoader:
     """This rank's micro-batches for an optimizer step: for each micro-step, one piece per dataset
     that carries an active task. Dataset g has its own sampler seeded with ``seed + 7919 g``, so
-    every dataset's global batch sequence is a function of the seed and ``batch_size`` only."""
+    every dataset's global batch sequence is a function of the seed and ``batch_size`` only.
 
-    def __init__(self, data: MultiTaskData, batch_size: int, seed: int) -> None:
+    In-memory tables are indexed directly. Map-style datasets stream: once ``start`` is called, a
+    ``torch.utils.data.DataLoader`` per dataset (``loading.num_workers`` workers, prefetching,
+    pinned memory on GPUs) reads this rank's micro-batches of the following steps ahead of the
+    training loop, driven by the global-batch sampler. Every item is read with the global RNGs
+    seeded from (dataset seed, item index, epoch) (``SeededItems``), so random augmentation is the
+    same on any number of processes, workers or ``grad_accum``, and a resumed run reads exactly
+    what an uninterrupted one would have. Before ``start`` (and for a step out of order), items
+    are read in this process the same way.
+    """
+
+    def __init__(self, data: MultiTaskData, batch_size: int, seed: int, loading: DataConfig | None = None) -> None:
         self.groups = data.groups
-        self.samplers = [GlobalBatchSampler(len(g.train), batch_size, seed + 7919 * i) for i, g in enumerate(data.groups)]
+        self.seeds = [seed + 7919 * i for i in range(len(data.groups))]
+        self.samplers = [GlobalBatchSampler(len(g.train), batch_size, s) for g, s in zip(data.groups, self.seeds)]
         self.complete: set[str] = {name for g in data.groups for name in getattr(g.train, "complete_tasks", ())}
         """Tasks whose every training sample has one label: their count per global batch is its size."""
+        self.loading = loading or DataConfig()
+        self.skipped: list[BadItem] = []
+        """The items of the last ``micro_batches`` that could not be read (``data.skip_bad_examples``)."""
+        self._streams: dict[int, _Stream] = {}
 
     def epoch(self, step: int) -> float:
         """Epochs of the first dataset completed after ``step`` optimizer steps."""
@@ -613,15 +651,201 @@ class StepLoader:
         """Optimizer steps in one epoch of the first dataset (rounded, at least 1)."""
         return max(1, round(self.samplers[0].num_rows / self.samplers[0].batch_size))
 
+    @property
+    def streamed(self) -> bool:
+        """Whether any dataset is a map-style dataset read item by item (not an in-memory table)."""
+        return any(isinstance(g.train, DatasetSource) for g in self.groups)
+
+    def start(self, step: int, stop: int, rank: int, world: int, accum: int, pin_memory: bool = False) -> None:
+        """Stream the map-style datasets' micro-batches of steps ``step .. stop-1`` for this rank from
+        now on (worker processes start here and prefetch). ``micro_batches`` must then be asked for
+        those steps in order."""
+        self.close()
+        for g, (group, sampler) in enumerate(zip(self.groups, self.samplers)):
+            if isinstance(group.train, DatasetSource) and step < stop:
+                self._streams[g] = _Stream(group.train, sampler, self.seeds[g], self.loading, step, stop,
+                                           (rank, world, accum), pin_memory)
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop with this process)."""
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+
     def micro_batches(self, step: int, rank: int, world: int, accum: int, active: list[str],
                       device: torch.device) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
         batches: list[list] = [[] for _ in range(accum)]
-        for group, sampler in zip(self.groups, self.samplers):
-            if not any(task.name in active for task in group.tasks):
+        self.skipped = []
+        for g, (group, sampler) in enumerate(zip(self.groups, self.samplers)):
+            stream = self._streams.get(g)
+            if stream is not None and stream.next_step == step and stream.layout == (rank, world, accum):
+                loaded = stream.take(accum)  # read even when no task of it trains now: the stream moves on
+            elif not any(task.name in active for task in group.tasks):
                 continue  # no active task reads this dataset at this step: no forward, no loading
-            for m, indices in enumerate(sampler.local_batches(step, rank, world, accum)):
-                batches[m].append(to_device(group.train.batch(indices), device))
+            elif isinstance(group.train, DatasetSource):
+                reader = SeededItems(group.train, self.seeds[g])
+                loaded = [reader.collate([reader[(int(i), int(e))] for i, e in zip(indices, epochs)])
+                          for indices, epochs in sampler.local_pieces(step, rank, world, accum)]
+            else:
+                loaded = [LoadedBatch(group.train.batch(indices))
+                          for indices in sampler.local_batches(step, rank, world, accum)]
+            if not any(task.name in active for task in group.tasks):
+                continue
+            for m, piece in enumerate(loaded):
+                batches[m].append(to_device(self._usable(piece, group.train), device))
         return batches
+
+    def _usable(self, loaded: "LoadedBatch", source) -> tuple:
+        """The batch of a micro-batch's readable items; the unreadable ones are an error (exit 2)
+        naming the dataset and item, or, with ``data.skip_bad_examples``, recorded in ``skipped``."""
+        if loaded.bad and not self.loading.skip_bad_examples:
+            first = loaded.bad[0]
+            raise DataError(f"{first.where()}: {first.error}; fix the data, or set "
+                            "data.skip_bad_examples=true to skip such items (they are counted in the log)")
+        self.skipped.extend(loaded.bad)
+        if loaded.batch is None:
+            raise DataError(f"{source.key}: every item of a micro-batch is unreadable (items "
+                            f"{', '.join(str(b.index) for b in loaded.bad[:5])}): {loaded.bad[0].error}")
+        return loaded.batch
+
+
+def item_seed(seed: int, index: int, epoch: int) -> int:
+    """The seed of item ``index``'s random augmentation in ``epoch``: a 63-bit hash of the three
+    (numpy's SeedSequence), never of the rank or the worker."""
+    state = np.random.SeedSequence([seed % (1 << 63), epoch, index]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+@dataclass
+class BadItem:
+    """An item that could not be read (a corrupt image, a null text, a missing key)."""
+
+    key: str
+    """The dataset's name in errors (``data.train``, ``train_data``)."""
+    index: int | None
+    """The item's index in its dataset; None when a whole micro-batch failed to collate."""
+    error: str
+
+    def where(self) -> str:
+        return f"{self.key}: item {self.index}" if self.index is not None else f"{self.key}: a micro-batch"
+
+
+@dataclass
+class LoadedBatch:
+    """A micro-batch as the loader delivers it: ``(inputs, {task: target})`` of the readable items
+    (None if there are none) and the items that could not be read."""
+
+    batch: tuple | None
+    bad: list[BadItem] = field(default_factory=list)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``reader[(index, epoch)]``: item ``index`` of a map-style source, read with torch's, numpy's
+    and Python's global RNGs seeded by ``item_seed(seed, index, epoch)``, so a dataset's random
+    augmentation (``torch.rand``, torchvision transforms, ``random``) draws the same numbers for
+    that item on any rank, worker or process count. The caller's RNG states are restored after
+    each item (in the training process, dropout and the model's own draws are untouched).
+    An item that raises becomes a ``BadItem`` (workers never raise: a raising worker would end the
+    DataLoader with a multi-line traceback)."""
+
+    def __init__(self, source: DatasetSource, seed: int) -> None:
+        self.source, self.seed = source, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        seed = item_seed(self.seed, index, epoch)
+        torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        torch.manual_seed(seed)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
+        try:
+            item = self.source.dataset[index]
+            self.source._check(item, index)
+            return item
+        except Exception as e:  # reported (or skipped) by the training process, naming the item
+            return BadItem(self.source.key, index, _one_line(e) if isinstance(e, DataError)
+                           else f"{type(e).__name__}: {_one_line(e)}")
+        finally:
+            torch.set_rng_state(torch_state)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+    def collate(self, items: list) -> LoadedBatch:
+        """The ``LoadedBatch`` of a list of ``__getitem__`` results."""
+        bad = [item for item in items if isinstance(item, BadItem)]
+        good = [item for item in items if not isinstance(item, BadItem)]
+        if not good:
+            return LoadedBatch(None, bad)
+        try:
+            return LoadedBatch(self.source.from_items(good), bad)
+        except Exception as e:  # a collate that fails on these items fails the whole micro-batch
+            return LoadedBatch(None, bad + [BadItem(self.source.key, None, f"collate failed: {_one_line(e)}")])
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: for each step of ``[start, stop)``, this rank's ``accum``
+    micro-batches, each a list of ``(index, epoch)``."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start: int, stop: int, layout: tuple[int, int, int]) -> None:
+        self.sampler, self.start, self.stop, self.layout = sampler, start, stop, layout
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for indices, epochs in self.sampler.local_pieces(step, *self.layout):
+                yield list(zip(indices.tolist(), epochs.tolist()))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.layout[2]
+
+
+class _Stream:
+    """One dataset's DataLoader over the steps ``[start, stop)`` of one (rank, world, accum) layout."""
+
+    def __init__(self, source: DatasetSource, sampler: GlobalBatchSampler, seed: int, loading: DataConfig,
+                 start: int, stop: int, layout: tuple[int, int, int], pin_memory: bool) -> None:
+        reader = SeededItems(source, seed)
+        workers = loading.num_workers
+        self.loader = torch.utils.data.DataLoader(
+            reader, batch_sampler=_RankBatches(sampler, start, stop, layout), collate_fn=reader.collate,
+            num_workers=workers, pin_memory=pin_memory and loading.pin_memory,
+            prefetch_factor=loading.prefetch_factor if workers else None, persistent_workers=False,
+            timeout=loading.worker_timeout_s if workers else 0)
+        self.iterator = iter(self.loader)
+        self.next_step, self.layout = start, layout
+
+    def take(self, accum: int) -> list[LoadedBatch]:
+        """The ``accum`` micro-batches of step ``next_step``."""
+        loaded = [next(self.iterator) for _ in range(accum)]
+        self.next_step += 1
+        return loaded
+
+    def close(self) -> None:
+        self.iterator = None  # the DataLoader iterator's __del__ stops its workers
+
+
+def val_batches(source, shard: Tensor, batch_size: int, loading: DataConfig | None = None):
+    """The validation batches ``(inputs, {task: target})`` of ``shard`` (row indices), in order.
+    Map-style datasets are read through a DataLoader with ``loading.num_workers`` workers (items
+    seeded as in training, epoch 0); unreadable items are an error, or skipped as in training."""
+    loading = loading or DataConfig()
+    cuts = [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]
+    if not isinstance(source, DatasetSource):
+        for indices in cuts:
+            yield source.batch(indices)
+        return
+    reader = SeededItems(source, 0)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_sampler=[[(int(i), 0) for i in indices] for indices in cuts], collate_fn=reader.collate,
+        num_workers=loading.num_workers, timeout=loading.worker_timeout_s if loading.num_workers else 0)
+    for loaded in loader:
+        if loaded.bad and not loading.skip_bad_examples:
+            raise DataError(f"{loaded.bad[0].where()}: {loaded.bad[0].error}; fix the data, or "
+                            "set data.skip_bad_examples=true to skip such items")
+        if loaded.batch is not None:
+            yield loaded.batch
 
 
 def to_device(obj, device: torch.device):

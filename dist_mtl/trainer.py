@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__, checkpoint, faults, preemption, rundir
-from .config import Config, TrainConfig
-from .data import MultiTaskData, StepLoader, eval_shard, prepare, python_data, to_device
+from .config import Config, DataConfig, TrainConfig
+from .data import MultiTaskData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
 from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
@@ -87,7 +87,7 @@ class Trainer:
 
         # Data: built once on the main process (HF caches), then on the others from the cache.
         self.data = data = dist.main_first(lambda: build_data(cfg, tasks, train_data, val_data, collate_fn))
-        self.loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
+        self.loader = StepLoader(data, cfg.train.batch_size, cfg.seed, cfg.data)
         self.task_sampler = TaskSampler(cfg, {t.name: len(g.train) for g in data.groups for t in g.tasks})
 
         # Model and optimizer: identical initialisation on every rank (DDP also broadcasts rank 0's).
@@ -124,6 +124,8 @@ class Trainer:
         self.train_step = TrainStep(cfg, dist, self.model, self.optimizer, self.scheduler, self.loader, self.guard)
         self.vanishing = VanishingLossMonitor.from_config(cfg)  # warns once per task whose loss goes to 0
 
+        self.skipped_examples = 0
+        """Unreadable items skipped so far, all ranks (``data.skip_bad_examples``)."""
         # Resume: the sampler needs no state (its position is a function of the step).
         if plan.resume_path is not None:
             self.start = self.load_checkpoint(plan.resume_path)
@@ -149,6 +151,9 @@ class Trainer:
         t = self.cfg.train
         signals = preemption.StopSignals(self.dist, t.signal_check_every)
         stop, failure, done = None, None, self.start
+        # Map-style data streams from here: the workers read the next steps' micro-batches ahead.
+        self.loader.start(self.start, t.max_steps, self.dist.rank, self.dist.world_size, t.grad_accum,
+                          pin_memory=self.dist.device.type == "cuda")
         try:
             for step in range(self.start, t.max_steps):
                 done = step + 1
@@ -173,8 +178,10 @@ class Trainer:
                     break
         except BaseException:  # close the bar first, so the error starts its own line
             self.progress.close()
+            self.loader.close()
             raise
         self.progress.close()
+        self.loader.close()
         signals.restore()
         if stop or failure:
             self.stop_early(done, stop, failure)  # raises
@@ -208,7 +215,9 @@ class Trainer:
                                   "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
             raise
         self.log_guard_events()
-        self.interval.add(time.perf_counter() - tic)
+        self.interval.add(time.perf_counter() - tic, result.data_seconds)
+        if result.bad_items:
+            self.log_skipped_items(done, result.bad_items)
 
         if not result.skipped:  # global losses, the same on every rank; NaN ones would sit in the windows
             warning = self.vanishing.observe(done, result.losses)
@@ -226,7 +235,12 @@ class Trainer:
     def log_step(self, done: int, result: StepOutput, phase, bytes_before: int, probe: bool) -> None:
         """The global record of step ``done`` in metrics.jsonl and W&B, and the progress bar's losses."""
         cfg, dist = self.cfg, self.dist
-        record = _train_record(cfg, result, result.active, self.loader, done, self.interval.take())
+        step_time, data_wait = self.interval.take()
+        record = _train_record(cfg, result, result.active, self.loader, done, step_time)
+        if self.loader.streamed:
+            record["perf/data_wait"] = data_wait
+        if cfg.data.skip_bad_examples:
+            record["data/skipped"] = self.skipped_examples
         record.update(self.weightings[phase.weighting].diagnostics())
         if self.schedule.phases:
             record["phase"] = phase.index
@@ -243,6 +257,14 @@ class Trainer:
         self.progress.set_postfix({**{k.split("/", 1)[1]: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")},
                                    "samples/s": f"{record['perf/samples_per_s']:.0f}"}, refresh=False)
 
+    def log_skipped_items(self, done: int, count: int) -> None:
+        """Unreadable items left out of step ``done`` (``data.skip_bad_examples``): counted, and each
+        named on stderr by the rank that read it."""
+        self.skipped_examples += count
+        for bad in self.loader.skipped:
+            print(f"dist-mtl: rank {self.dist.rank}: step {done}: skipped {bad.where()}: "
+                  f"{bad.error}", file=sys.stderr, flush=True)
+
     def log_guard_events(self) -> None:
         for event in self.guard.take_events():
             self.tracker.log_event("nonfinite", event)
@@ -257,7 +279,7 @@ class Trainer:
     def evaluate(self, done: int) -> None:
         """The validation metrics after step ``done``, logged and kept as ``final_eval``."""
         self.dist.sync_buffers(self.model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
-        self.final_eval = evaluate(self.dist, self.model, self.data, self.cfg.train.eval_batch_size)
+        self.final_eval = evaluate(self.dist, self.model, self.data, self.cfg.train.eval_batch_size, self.cfg.data)
         self.tracker.log({"step": done, **self.final_eval})
 
     # -- state -----------------------------------------------------------------------------------
@@ -267,7 +289,7 @@ class Trainer:
         and ``objects`` (one .pt file per group). ``checkpoint.load`` returns the same mapping
         (plus ``step``), which ``load_state_dict`` takes."""
         return {"scheduler": self.scheduler.state_dict(), "schedule": self.schedule.state_dict(),
-                "nonfinite_skipped": self.guard.skipped,
+                "nonfinite_skipped": self.guard.skipped, "skipped_examples": self.skipped_examples,
                 "tensors": {"aggregator": self.aggregate.state_dict() if self.aggregate is not None else {}},
                 "objects": {"weighting": {key: w.state_dict() for key, w in self.weightings.items()}}}
 
@@ -275,6 +297,7 @@ class Trainer:
         """Restore ``state_dict``'s mapping (as ``checkpoint.load`` returns it; older checkpoints may
         lack the schedule, and weightings the config no longer uses are left behind)."""
         self.guard.skipped = state.get("nonfinite_skipped", 0)
+        self.skipped_examples = state.get("skipped_examples", 0)
         self.scheduler.load_state_dict(state["scheduler"])
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
@@ -575,6 +598,10 @@ class StepOutput(StepResult):
     """The weights the step trained with."""
     skipped: int = 0
     """Updates of this step skipped for non-finite values (``train.on_nonfinite=skip``)."""
+    data_seconds: float = 0.0
+    """Seconds this rank waited for its micro-batches (reading ahead hides most of it)."""
+    bad_items: int = 0
+    """Unreadable items left out of this global batch, all ranks (``data.skip_bad_examples``)."""
 
 
 class TrainStep:
@@ -593,16 +620,19 @@ class TrainStep:
         skips (or stops at) an update with non-finite values, on every rank together. ``probe``
         measures gradient conflict on the same batch first (``log.grad_conflict``)."""
         cfg, dist, loader, guard, scheduler = self.cfg, self.dist, self.loader, self.guard, self.scheduler
+        tic = time.perf_counter()
         micro_batches = loader.micro_batches(step, dist.rank, dist.world_size, cfg.train.grad_accum, active, dist.device)
+        data_seconds = time.perf_counter() - tic
         faults.corrupt(step + 1, dist.rank, micro_batches)
         # Each task's global count of labelled elements, before any backward: a task without any at
         # this step sits it out, on every rank alike.
         counts = label_counts(dist, engine, loader, micro_batches, cfg.train.batch_size)
+        bad_items = int(counts.pop(SKIPPED, 0))
         engine.set_counts(counts, len(micro_batches), loader.complete)
         active = [name for name in active if counts.get(name, 0) > 0]
         if not active:  # no label of any trained task in this global batch: nothing to update
             scheduler.step()
-            return StepOutput(step, weights=weighting.weights(step))
+            return StepOutput(step, weights=weighting.weights(step), data_seconds=data_seconds, bad_items=bad_items)
         if weighting.needs_batch_losses:  # FAMO: weights from this very batch's global losses
             weighting.begin_step(step, _global(dist, engine.batch_losses(micro_batches, active)))
         if probe:
@@ -615,7 +645,7 @@ class TrainStep:
         scheduler.step()  # also after a skipped update: the schedule is a function of the step
 
         out = StepOutput(step, active=list(active), local_losses=losses, weights=weights,
-                         skipped=guard.skipped - skipped_before)
+                         skipped=guard.skipped - skipped_before, data_seconds=data_seconds, bad_items=bad_items)
         if need_global_losses or weighting.uses_losses:
             out.losses = _global(dist, losses)
         task_grads = engine.take_task_grads()
@@ -656,6 +686,10 @@ class TrainStep:
         encoder["lr"] = scheduled_lr
 
 
+SKIPPED = "__skipped_items__"
+"""``label_counts``' key for the global number of unreadable items left out of the batch."""
+
+
 def label_counts(dist: Distributed, engine: BackwardEngine, loader: StepLoader, micro_batches: list,
                  batch_size: int) -> dict[str, float]:
     """Each task's number of labelled elements in global batch ``step`` (every rank, every micro-step).
@@ -670,6 +704,8 @@ def label_counts(dist: Distributed, engine: BackwardEngine, loader: StepLoader, 
                     local[name] = local[name] + count if name in local else count
     counts = {name: float(batch_size) for batch in micro_batches[:1] for _, targets in batch
               for name in targets if name in loader.complete}
+    if loader.loading.skip_bad_examples and loader.streamed:  # rides on the same collective
+        local[SKIPPED] = torch.tensor(float(len(loader.skipped)), dtype=torch.float64, device=dist.device)
     if local:  # the same keys in the same order on every rank: the same datasets are loaded
         names = list(local)
         counts.update(zip(names, dist.all_reduce_sum(torch.stack([local[n] for n in names])).tolist()))
@@ -693,7 +729,8 @@ def _rank_spread(dist: Distributed, local_losses: dict[str, Tensor]) -> dict[str
 
 
 @torch.no_grad()
-def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_size: int) -> dict[str, float]:
+def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_size: int,
+             loading: DataConfig | None = None) -> dict[str, float]:
     """Per-task validation metrics over each dataset's whole validation split, each sample counted
     once: every rank evaluates a disjoint share and the per-sample sums are all-reduced (one flat
     collective with a layout fixed by the tasks, so a rank with an empty share sends zeros)."""
@@ -707,8 +744,8 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
     for group in (g for g in data.groups if g.val is not None):
         shard = eval_shard(len(group.val), dist.rank, dist.world_size)
         names = [task.name for task in group.tasks]
-        for start in range(0, len(shard), batch_size):
-            x, targets = to_device(group.val.batch(shard[start:start + batch_size]), dist.device)
+        for batch in val_batches(group.val, shard, batch_size, loading):
+            x, targets = to_device(batch, dist.device)
             with dist.accelerator.autocast():
                 outputs = module(x, tasks=names)
             for task in group.tasks:
@@ -774,17 +811,20 @@ class Throughput:
     ``perf/*`` describe the whole logging interval rather than one noisy step."""
 
     def __init__(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.data_seconds, self.steps = 0.0, 0.0, 0
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, data_seconds: float = 0.0) -> None:
         self.seconds += seconds
+        self.data_seconds += data_seconds
         self.steps += 1
 
-    def take(self) -> float:
-        """The mean step time of the interval, starting a new one."""
+    def take(self) -> tuple[float, float]:
+        """The mean step time of the interval and the fraction of it spent waiting for data,
+        starting a new interval."""
         mean = self.seconds / max(self.steps, 1)
-        self.seconds, self.steps = 0.0, 0
-        return mean
+        waiting = self.data_seconds / self.seconds if self.seconds > 0 else 0.0
+        self.seconds, self.data_seconds, self.steps = 0.0, 0.0, 0
+        return mean, waiting
 
 
 def _progress_bar(cfg: Config, dist: Distributed, start: int):
