@@ -353,7 +353,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         dist.sync_buffers(self.model)
         if not self.final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
-            self.final_eval = evaluate(dist, self.model, self.data, cfg.train.eval_batch_size)
+            self.final_eval = evaluate(dist, self.model, self.data, cfg.train.eval_batch_size, cfg.data)
         digests = dist.check_consistent(self.model, cfg.train.max_steps)
         if dist.is_main:
             _write_final(dist, self.model, self.run_dir, self.data, self.final_eval)
