@@ -418,3 +418,35 @@ def test_evaluation_on_two_processes_equals_one_process(runs):
     for key in a:
         rel_tol = 1e-8 if key.rsplit("/", 1)[1] in means else 1e-12
         assert math.isclose(a[key], b[key], rel_tol=rel_tol), (key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_the_logged_loss_of_each_kind_is_its_global_masked_mean(runs):
+    """Step 1's logged loss on 2 processes x 2 micro-steps equals a hand computation from the
+    initial parameters over global batch 0: per-element losses summed over labelled elements
+    (pixels for normals, with a mask computed here) over their count. A count of channels instead
+    of pixels would give the same parameters on 1 and N processes, but not this number."""
+    (two,) = runs(("fit", "sum", 2))
+    from byo_models import KindsData, kinds_model
+    from dist_mtl.data import GlobalBatchSampler
+
+    data = KindsData(48, 0)
+    indices = GlobalBatchSampler(len(data), SMALL["train"]["batch_size"], SMALL["seed"]).global_batch(0)
+    batch = torch.utils.data.default_collate([data[int(i)] for i in indices])
+    logged = next(m for m in two.metrics() if m.get("step") == 1)
+    with torch.no_grad():
+        outputs = kinds_model(SMALL["seed"])(batch["inputs"])
+    expected = {
+        "labels": (F.binary_cross_entropy_with_logits(outputs["labels"], torch.nan_to_num(batch["labels"]),
+                                                      reduction="none"), ~torch.isnan(batch["labels"])),
+        "seg": (F.cross_entropy(outputs["seg"], batch["seg"], ignore_index=-100, reduction="none"),
+                batch["seg"] != -100),
+        "depth": ((outputs["depth"][:, 0] - torch.nan_to_num(batch["depth"])).abs(), ~torch.isnan(batch["depth"])),
+        "normals": (1 - F.cosine_similarity(outputs["normals"], torch.nan_to_num(batch["normals"]), dim=1),
+                    ~torch.isnan(batch["normals"]).any(1)),
+        "rows": (F.cross_entropy(outputs["rows"].transpose(1, 2), batch["rows"], ignore_index=-100, reduction="none"),
+                 batch["rows"] != -100),
+    }
+    for name, (values, labelled) in expected.items():
+        exact = float(values[labelled].double().sum() / labelled.sum())
+        assert logged[f"loss/{name}"] == pytest.approx(exact, rel=1e-5), name
