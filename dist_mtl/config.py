@@ -728,8 +728,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                  "a target transform applies to regression tasks only")
         _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
         if task.num_classes is not None:
-            _require(task.kind in CLASS_KINDS, f"{key}.num_classes", f"applies to {', '.join(CLASS_KINDS)} tasks "
-                     f"only (this task's kind is {task.kind!r}); remove it")
+            # (a table has one kind with classes; a python source has the image and text kinds too)
+            kinds = ", ".join(CLASS_KINDS) if source == "python" else "classification"
+            _require(task.kind in CLASS_KINDS, f"{key}.num_classes",
+                     f"applies to {kinds} tasks only (this task's kind is {task.kind!r}); remove it")
             least = 1 if task.kind == "multilabel" else 2
             _require(task.num_classes >= least, f"{key}.num_classes", f"must be at least {least}, got {task.num_classes}")
         elif task.kind in CLASS_KINDS and task.kind != "classification":
