@@ -302,6 +302,20 @@ def test_a_head_whose_output_cannot_fit_the_target_is_named():
         task_of("normals").mean_loss(torch.zeros(6, 2, 8, 8), normals_batch()[1])
 
 
+def test_a_pixel_mask_applies_to_every_channel_of_a_normals_target():
+    from dist_mtl.data import DatasetSource
+
+    _, target = normals_batch(n=2)
+    target = torch.nan_to_num(target, nan=1.0)
+    keep = torch.ones(2, 8, 8, dtype=torch.bool)
+    keep[0, :3] = False
+    items = [{"inputs": torch.zeros(1), "n": target[i], "keep": keep[i]} for i in range(2)]
+    task = Task("n", kind="normals", mask="keep")
+    _, targets = DatasetSource(items, [task]).batch(torch.arange(2))
+    assert torch.isnan(targets["n"][0, :, :3]).all() and not torch.isnan(targets["n"][:, :, 3:]).any()
+    assert task.count(targets["n"]) == 2 * 64 - 3 * 8
+
+
 # ---------------------------------------------------------------------------------------------
 # the built-in heads
 
@@ -342,6 +356,14 @@ def test_default_heads_from_the_config(tmp_path):
     model = build_full_model(cfg, build_data(cfg, tasks))
     assert all(isinstance(model.heads[n], DenseDecoder) for n in ("seg", "depth", "normals"))
     assert [model.heads[n].out.out_channels for n in ("seg", "depth", "normals")] == [3, 1, 3]
+
+    # labels at half the image's resolution: the default dense head cannot fit them; one line names the task
+    half = [{"inputs": torch.randn(1, 8, 8), "seg": torch.zeros(4, 4, dtype=torch.long)} for _ in range(2)]
+    cfg = dist_mtl.load_config({"output_dir": str(tmp_path), "model": {
+        "encoder": {"class_path": "byo_models.PyramidEncoder"}}})
+    with pytest.raises(UsageError, match=r"^task 'seg' \(segmentation\): the head's output has shape \(2, 3, 8, 8\), "
+                                         r"but its target \(2, 4, 4\) needs \(B, 3, H, W\) logits at the label size"):
+        check_one_batch(cfg, tasks=[Task("seg", kind="segmentation", num_classes=3)], train_data=half)
 
     items = [{"inputs": torch.randn(16), "tags": torch.tensor([1.0, NAN, 0.0]), "tok": torch.tensor([1, -100])}
              for _ in range(4)]
