@@ -12,18 +12,18 @@ F1, mean AP and mIoU, a function of fixed-shape count vectors (``dist_mtl.metric
 
 Kinds, their shapes (B: batch, K/C: classes, L: tokens, H x W: pixels) and defaults:
 
-================== ============================= ============================ ======== =====================
-kind               output                        target                       loss     metrics
-================== ============================= ============================ ======== =====================
-regression         (B, 1) or (B,)                float (B,)                   mse      mse, rmse, mae
-classification     (B, C)                        int64 (B,)                   ce       accuracy
-binary             (B, 1) or (B,)                float 0/1 (B,)               bce      accuracy
-multilabel         (B, K)                        float 0/1 (B, K)             bce      mean_ap, f1
-segmentation       (B, C, H, W)                  int64 (B, H, W)              ce       miou, pixel_accuracy
-depth              (B, 1, H, W) or (B, H, W)     float (B, H, W)              l1       abs_err, rel_err
-normals            (B, 3, H, W)                  float unit vectors (B,3,H,W) cosine   mean_angle, within_11.25
-token_classification (B, L, C)                   int64 (B, L)                 ce       accuracy, f1
-================== ============================= ============================ ======== =====================
+==================== ========================= ============================== ====== ========================
+kind                 output                    target                         loss   metrics
+==================== ========================= ============================== ====== ========================
+regression           (B, 1) or (B,)            float (B,)                     mse    mse, rmse, mae
+classification       (B, C)                    int64 (B,)                     ce     accuracy
+binary               (B, 1) or (B,)            float 0/1 (B,)                 bce    accuracy
+multilabel           (B, K)                    float 0/1 (B, K)               bce    mean_ap, f1
+segmentation         (B, C, H, W)              int64 (B, H, W)                ce     miou, pixel_accuracy
+depth                (B, 1, H, W) or (B, H, W) float (B, H, W)                l1     abs_err, rel_err
+normals              (B, 3, H, W)              float unit vectors (B, 3, H, W) cosine mean_angle, within_11.25
+token_classification (B, L, C)                 int64 (B, L)                   ce     accuracy, f1
+==================== ========================= ============================== ====== ========================
 
 An *element* is one label: a sample, a (sample, label) pair for multilabel, a pixel, a token. For
 ``normals`` it is a pixel, not a channel: the per-element losses are (B, H, W), and a pixel is
@@ -386,21 +386,21 @@ class Task:
         built-in kind (before the loss fails with a broadcasting error or a silent broadcast)."""
         if self.kind not in _SHAPED_KINDS:
             return  # the original kinds: shapes are the loss's business (custom heads may broadcast)
-        o, t = tuple(output.shape), tuple(target.shape)
-        kind, k = self.kind, self.num_classes
-        expected = {
-            "multilabel": (k and o == t and o[1:] == (k,), f"(B, {k}) logits, the target's shape"),
-            "segmentation": (len(o) == len(t) + 1 and o[:1] == t[:1] and o[1] == k and o[2:] == t[1:],
-                             f"(B, {k}, H, W) logits at the label size (H, W) = {t[1:]}"),
-            "depth": (o == t or len(o) == len(t) + 1 and o[:1] == t[:1] and o[1] == 1 and o[2:] == t[1:],
-                      f"(B, 1, H, W) or (B, H, W) at the label size (H, W) = {t[1:]}"),
-            "normals": (o == t and len(t) == 4 and t[1] == 3, f"(B, 3, H, W), the target's shape {t}"),
-            "token_classification": (len(o) == len(t) + 1 and o[:-1] == t and o[-1] == k,
-                                     f"(B, L, {k}) logits for (B, L) = {t} targets"),
-        }.get(kind)
-        if expected is not None and not expected[0]:
-            raise UsageError(f"task {self.name!r} ({kind}): the head's output has shape {o}, but its target {t} needs "
-                             f"{expected[1]}; give model.heads.{self.name} a head of that shape, or resize the labels")
+        o, t, k = tuple(output.shape), tuple(target.shape), self.num_classes
+        with_channels = len(o) == len(t) + 1 and o[:1] == t[:1] and o[2:] == t[1:]  # (B, C, ...) vs (B, ...)
+        if self.kind == "multilabel":
+            fits, needs = o == t and o[1:] == (k,), f"(B, {k}) logits, the target's shape"
+        elif self.kind == "segmentation":
+            fits, needs = with_channels and o[1] == k, f"(B, {k}, H, W) logits at the label size (H, W) = {t[1:]}"
+        elif self.kind == "depth":
+            fits, needs = o == t or with_channels and o[1] == 1, f"(B, 1, H, W) or (B, H, W) at the label size {t[1:]}"
+        elif self.kind == "normals":
+            fits, needs = o == t and len(t) == 4 and t[1] == 3, "(B, 3, H, W), the target's shape"
+        else:  # token_classification
+            fits, needs = len(o) == len(t) + 1 and o[:-1] == t and o[-1] == k, f"(B, L, {k}) logits"
+        if not fits:
+            raise UsageError(f"task {self.name!r} ({self.kind}): the head's output has shape {o}, but its target {t} "
+                             f"needs {needs}; give model.heads.{self.name} a head of that shape, or resize the labels")
 
     # -- losses --------------------------------------------------------------------------------
     def element_losses(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
