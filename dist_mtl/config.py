@@ -21,7 +21,8 @@ import yaml
 
 from .errors import ConfigError, did_you_mean
 
-TaskKind = Literal["regression", "classification", "binary"]
+TaskKind = Literal["regression", "classification", "binary", "multilabel", "segmentation", "depth", "normals",
+                   "token_classification"]
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -108,18 +109,21 @@ class TaskConfig:
     """Unique task name (letters, digits, underscores); used in metric keys and head names."""
     kind: TaskKind | None = "regression"
     """``regression`` (one output), ``classification`` (classes read from the data, or
-    ``num_classes``) or ``binary``; null for a custom task of a ``python`` source (its loss then
-    gives the metrics: none but the loss, unless ``metrics`` names some)."""
+    ``num_classes``) or ``binary``; for ``source: python`` also ``multilabel``, ``segmentation``,
+    ``depth``, ``normals`` and ``token_classification`` (shapes, losses and metrics: docs/tasks.md);
+    null for a custom task of a ``python`` source (its loss then gives the metrics: none but the
+    loss, unless ``metrics`` names some)."""
     target: str | None = None
     """Target column (or, for ``source: python``, the key of the target in a dataset item).
     Default: the task name."""
     loss: Any = None
-    """A loss name (mse, l1, huber, smooth_l1, ce, bce, multilabel_bce; a built-in kind allows its
-    own), a dotted path to a function ``(output, target) -> per-element losses``, or
+    """A loss name (mse, l1, huber, smooth_l1, ce, bce, multilabel_bce, cosine; a built-in kind allows
+    its own), a dotted path to a function ``(output, target) -> per-element losses``, or
     ``{class_path, init_args}`` of a module doing that. Default: mse / ce / bce."""
     metrics: list[Any] | None = None
-    """Metric names (mse, rmse, mae, accuracy) or dotted paths to functions ``(output, target) ->
-    per-element values``, reported as means over the labelled elements. Default: the kind's."""
+    """Metric names (mse, rmse, mae, accuracy; f1, mean_ap, miou, pixel_accuracy, abs_err, rel_err,
+    mean_angle, within_11.25) or dotted paths to functions ``(output, target) -> per-element
+    values``, reported as means over the labelled elements. Default: the kind's."""
     mask: str | None = None
     """``source: python``: the key of a boolean mask in a dataset item; False elements are
     unlabelled, as NaN (float) or -100 (integer) targets are."""
@@ -130,10 +134,11 @@ class TaskConfig:
     standardize: bool = True
     """Regression only: standardise the (transformed) target with training-split statistics."""
     num_classes: int | None = None
-    """Classification only: the number of classes. The labels must then be integers in
+    """Classification: the number of classes. The labels must then be integers in
     ``[0, num_classes)`` and each label is its own class index, so classes absent from the data
     still get a head output (other labels are an error naming the column). Default: the distinct
-    values in the data, sorted, are the classes."""
+    values in the data, sorted, are the classes. Required for segmentation and
+    token_classification (classes) and multilabel (labels K), whose python datasets cannot tell."""
     data: DataConfig | None = None
     """This task's own dataset (same number of input features as the others). Default: the
     top-level ``data``. Each dataset costs one forward per step."""
@@ -695,9 +700,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .aggregation import AGGREGATORS, GRAMIAN_AGGREGATORS, AggregatorUnavailable, make_torchjd_aggregator
     from .engine import BACKWARDS
     from .models import ACTIVATIONS, ENCODER_PATHS, ENCODERS
-    from .tasks import DERIVED, KIND_LOSSES, LOSSES, METRICS
+    from .tasks import CLASS_KINDS, KIND_LOSSES, LOSSES, METRIC_NAMES
 
-    METRICS_AND_DERIVED = {**METRICS, **DERIVED}
     from .weighting import WEIGHTINGS, build_weighting
 
     _require(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got {cfg.seed}")
@@ -720,6 +724,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         source = (task.data or cfg.data).source
         _require(task.kind is not None or source == "python", f"{key}.kind",
                  "is required (regression, classification or binary) for a task read from a table")
+        _require(task.kind in (None, "regression", "classification", "binary") or source == "python", f"{key}.kind",
+                 f"{task.kind} applies to data.source: python only (a table holds regression, classification or "
+                 "binary targets)")
         if task.loss is None:
             _require(task.kind is not None, f"{key}.loss", "a task without a kind needs a loss (a name, a dotted path "
                      "or {class_path, init_args})")
@@ -727,7 +734,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if source == "python":
             _check_plugin(task.loss, LOSSES, f"{key}.loss", call=False)
             for j, metric in enumerate(task.metrics or []):
-                _check_plugin(metric, METRICS_AND_DERIVED, f"{key}.metrics[{j}]", call=False)
+                _check_plugin(metric, METRIC_NAMES, f"{key}.metrics[{j}]", call=False)
         else:
             _require(isinstance(task.loss, str), f"{key}.loss", "a task read from a table takes a loss name")
             _check_name(task.loss, {name: None for name in KIND_LOSSES[task.kind]}, f"{key}.loss")
@@ -737,9 +744,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                  "a target transform applies to regression tasks only")
         _require(task.weight >= 0, f"{key}.weight", f"must be >= 0, got {task.weight}")
         if task.num_classes is not None:
-            _require(task.kind == "classification", f"{key}.num_classes",
-                     f"applies to classification tasks only (this task's kind is {task.kind!r}); remove it")
-            _require(task.num_classes >= 2, f"{key}.num_classes", f"must be at least 2, got {task.num_classes}")
+            # (a table has one kind with classes; a python source has the image and text kinds too)
+            kinds = ", ".join(CLASS_KINDS) if source == "python" else "classification"
+            _require(task.kind in CLASS_KINDS, f"{key}.num_classes",
+                     f"applies to {kinds} tasks only (this task's kind is {task.kind!r}); remove it")
+            least = 1 if task.kind == "multilabel" else 2
+            _require(task.num_classes >= least, f"{key}.num_classes", f"must be at least {least}, got {task.num_classes}")
+        elif task.kind in CLASS_KINDS and task.kind != "classification":
+            _require(False, f"{key}.num_classes", f"is required for a {task.kind} task (the number of "
+                     f"{'labels K' if task.kind == 'multilabel' else 'classes'}: the head's width and the layout of "
+                     "its metrics; a python dataset cannot tell it)")
         if task.data is not None:
             _validate_data(task.data, f"{key}.data")
     for i, task in enumerate(cfg.tasks):

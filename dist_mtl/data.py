@@ -516,6 +516,8 @@ class DatasetSource:
                                 f"{type(target).__name__} after collate; it must be a tensor")
             if task.mask:
                 keep = batch[task.mask].bool()
+                if keep.dim() + 1 == target.dim():  # one flag per pixel of (B, 3, H, W) normals: every channel
+                    keep = keep.unsqueeze(1)
                 target = (target.masked_fill(~keep, float("nan")) if target.is_floating_point()
                           else target.masked_fill(~keep, IGNORE_INDEX))
             targets[task.name] = target

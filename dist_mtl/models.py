@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -204,3 +205,80 @@ def build_model(cfg: ModelConfig, input_dim: int, head_dims: dict[str, int]) -> 
     heads = {name: mlp([encoder.out_dim, *cfg.head_hidden, dim], cfg.activation, final_activation=False)
              for name, dim in head_dims.items()}
     return MultiTaskModel(encoder, heads)
+
+
+# -- dense heads (segmentation, depth, normals) ----------------------------------------------------
+
+
+def feature_channels(encoder: nn.Module) -> list[int] | None:
+    """The channels of the feature maps an encoder returns, read from its attributes (the contract
+    the built-in dense head relies on), first to last:
+
+    - ``out_channels``: an int (one map) or a list of ints, one per map of a list/tuple of maps,
+      high resolution first, as ``timm.create_model(..., features_only=True)`` returns them;
+    - else timm's ``feature_info.channels()``;
+    - else ``out_dim``: the channels of a single (B, out_dim, h, w) map.
+
+    None when the encoder declares none of them."""
+    channels = getattr(encoder, "out_channels", None)
+    if channels is None and hasattr(getattr(encoder, "feature_info", None), "channels"):
+        channels = encoder.feature_info.channels()
+    if channels is None:
+        channels = getattr(encoder, "out_dim", None)
+    if channels is None:
+        return None
+    return [int(c) for c in channels] if isinstance(channels, (list, tuple)) else [int(channels)]
+
+
+class DenseDecoder(nn.Module):
+    """The built-in head of a per-pixel task: encoder feature maps -> (B, out_channels, H, W) at
+    the input image's size (H, W).
+
+    ``forward(features, inputs)``: ``features`` is a (B, C, h, w) map or a list/tuple of maps
+    (high resolution first; ``in_channels`` then lists their channels); ``inputs`` is the batch's
+    image (B, C_in, H, W), or a dict holding one under ``image`` or ``pixel_values``, which gives
+    the label size (``size`` fixes it instead). Each map goes through a 1x1 convolution to
+    ``hidden`` channels and is upsampled to the largest map's size (a light FPN-style fusion, so
+    fine detail from early maps reaches the output); their sum goes through a 3x3 convolution and
+    ReLU, a 1x1 convolution to ``out_channels``, and a bilinear upsampling to (H, W). No
+    normalisation layer: BatchNorm's batch statistics would break the N = 1 guarantee.
+    """
+
+    def __init__(self, in_channels: int | list[int], out_channels: int, hidden: int = 32, task: str = "",
+                 size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        channels = list(in_channels) if isinstance(in_channels, (list, tuple)) else [in_channels]
+        self.task, self.size, self.in_channels = task, tuple(size) if size else None, channels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in channels)
+        self.fuse = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, out_channels, 1)
+
+    def _error(self, message: str) -> UsageError:
+        return UsageError(f"task {self.task!r}: the default dense head {message}; give model.heads.{self.task} "
+                          "a head of your own")
+
+    def _label_size(self, inputs: Any) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size
+        image = inputs
+        if isinstance(inputs, Mapping):
+            image = next((inputs[k] for k in ("image", "pixel_values") if k in inputs), None)
+        if not isinstance(image, Tensor) or image.dim() != 4:
+            what = f"a tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(inputs).__name__
+            raise self._error(f"takes the label size from image inputs (B, C, H, W) (or a dict with 'image' or "
+                              f"'pixel_values'), got {what}")
+        return int(image.shape[-2]), int(image.shape[-1])
+
+    def forward(self, features: Any, inputs: Any) -> Tensor:
+        maps = list(features) if isinstance(features, (list, tuple)) else [features]
+        if not all(isinstance(m, Tensor) and m.dim() == 4 for m in maps):
+            shapes = [tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__ for m in maps]
+            raise self._error(f"needs feature maps (B, C, h, w) from the encoder, got {shapes}")
+        if len(maps) != len(self.lateral) or any(m.shape[1] != c for m, c in zip(maps, self.in_channels)):
+            raise self._error(f"was built for maps of {self.in_channels} channels (the encoder's out_channels / "
+                              f"feature_info / out_dim), got {[m.shape[1] for m in maps]}")
+        target = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        fused = sum(F.interpolate(conv(m), size=target, mode="bilinear", align_corners=False)
+                    if m.shape[-2:] != target else conv(m) for conv, m in zip(self.lateral, maps))
+        out = self.out(torch.relu(self.fuse(fused)))
+        return F.interpolate(out, size=self._label_size(inputs), mode="bilinear", align_corners=False)

@@ -24,8 +24,8 @@ from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError, UsageError
-from .models import ENCODER_PATHS, MultiTaskModel, build_model, mlp
-from .tasks import Task
+from .models import ENCODER_PATHS, DenseDecoder, MultiTaskModel, build_model, feature_channels, mlp
+from .tasks import CLASS_KINDS, DENSE_KINDS, Task
 from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tracking import Tracker, git_commit
 from .vanishing import VanishingLossMonitor
@@ -396,7 +396,7 @@ def resolve_tasks(cfg: Config, tasks: list[Task] | None, model, train_data) -> l
             raise ConfigError("tasks", "fit(tasks=...) takes a non-empty list of dist_mtl.Task")
         cfg.tasks = [TaskConfig(name=t.name, kind=t.kind, target=t.target, loss=_describe(t.loss), weight=t.weight,
                                 metrics=[_describe(m) for m in t.metrics] if t.metrics is not None else None,
-                                mask=t.mask, num_classes=t.num_classes or None if t.kind == "classification" else None)
+                                mask=t.mask, num_classes=t.num_classes or None if t.kind in CLASS_KINDS else None)
                      for t in tasks]
     if model is not None:  # recorded for config.yaml and for comparing reruns
         cfg.model.encoder = _describe_module(getattr(model, "encoder", model))
@@ -439,11 +439,11 @@ PYTHON_OBJECT = "<python>"
 def task_from_config(t, key: str) -> Task:
     """A run-time Task from a ``python`` source's task block: loss and metrics instantiated."""
     from .plugins import instantiate
-    from .tasks import LOSSES
+    from .tasks import LOSSES, METRIC_NAMES
 
     loss = t.loss if isinstance(t.loss, str) and t.loss in LOSSES else instantiate(t.loss, f"{key}.loss", call=True)
-    metrics = None if t.metrics is None else [
-        m if isinstance(m, str) and "." not in m else instantiate(m, f"{key}.metrics[{j}]", call=True)
+    metrics = None if t.metrics is None else [  # (a registered name may hold a dot: within_11.25)
+        m if isinstance(m, str) and ("." not in m or m in METRIC_NAMES) else instantiate(m, f"{key}.metrics[{j}]", call=True)
         for j, m in enumerate(t.metrics)]
     try:
         return Task(t.name, loss=loss, target=t.target, kind=t.kind, metrics=metrics, weight=t.weight, mask=t.mask,
@@ -486,13 +486,16 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
         for task in data.tasks:
             if task.name in m.heads:
                 heads[task.name] = instantiate(m.heads[task.name], f"model.heads.{task.name}")
+            elif task.kind in DENSE_KINDS:
+                heads[task.name] = _dense_head(encoder, task, m.head_hidden)
             elif getattr(encoder, "out_dim", None):
+                # (multilabel: K outputs; token_classification: nn.Linear acts per token on (B, L, D))
                 heads[task.name] = mlp([encoder.out_dim, *m.head_hidden, task.out_dim], m.activation,
                                        final_activation=False)
             else:
                 raise ConfigError(f"model.heads.{task.name}", "no head for this task: the encoder has no out_dim for "
                                   "the default MLP head; give {class_path, init_args} of a head")
-        defaults = [task.name for task in data.tasks if task.name not in m.heads]
+        defaults = [task.name for task in data.tasks if task.name not in m.heads and task.kind not in DENSE_KINDS]
         if defaults and m.encoder != "mlp" and not getattr(encoder, "per_task_features", False):
             _check_default_heads(encoder, data, defaults)
         model = MultiTaskModel(encoder, heads)
@@ -510,6 +513,17 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
     if cfg.model.sync_batchnorm:  # (refused on several CPU processes by the config's validation)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _dense_head(encoder: nn.Module, task: Task, head_hidden: list[int]) -> DenseDecoder:
+    """The default head of a segmentation, depth or normals task: a ``DenseDecoder`` over the
+    encoder's maps, whose channels it reads from ``out_channels`` / ``feature_info`` / ``out_dim``."""
+    channels = feature_channels(encoder)
+    if channels is None:
+        raise ConfigError(f"model.heads.{task.name}", f"no head for this {task.kind} task: the default dense head "
+                          "needs the encoder's feature-map channels (an out_channels (int or list), feature_info or "
+                          "out_dim attribute); give {class_path, init_args} of a head")
+    return DenseDecoder(channels, task.out_dim, hidden=head_hidden[-1] if head_hidden else 32, task=task.name)
 
 
 def _check_default_heads(encoder: nn.Module, data: MultiTaskData, tasks: list[str]) -> None:
@@ -735,12 +749,14 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
     once: every rank evaluates a disjoint share and the per-sample sums are all-reduced (one flat
     collective with a layout fixed by the tasks, so a rank with an empty share sends zeros)."""
     evaluated = [task for group in data.groups if group.val is not None for task in group.tasks]
-    keys = [(task.name, key) for task in evaluated for key in task.sum_keys]
+    # scalars, and the fixed-shape count vectors of F1 / mIoU / mean AP (shapes from the tasks alone)
+    shapes = {(task.name, key): shape for task in evaluated for key, shape in task.sum_shapes.items()}
+    keys = list(shapes)
     if not keys:  # no validation data (fit without val_data)
         return {}
     module = dist.accelerator.unwrap_model(model)
     module.eval()
-    sums = {k: torch.zeros((), dtype=torch.float64, device=dist.device) for k in keys}
+    sums = {k: torch.zeros(shapes[k], dtype=torch.float64, device=dist.device) for k in keys}
     for group in (g for g in data.groups if g.val is not None):
         shard = eval_shard(len(group.val), dist.rank, dist.world_size)
         names = [task.name for task in group.tasks]
@@ -752,10 +768,17 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
                 for key, value in task.metric_sums(outputs[task.name], targets[task.name]).items():
                     sums[(task.name, key)] += value
     module.train()
-    flat = dist.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
+    # one collective: every sum flattened in the fixed order of ``keys``, cut back into its shape
+    flat = dist.all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys])).cpu()
+    reduced, offset = [], 0
+    for k in keys:
+        size = sums[k].numel()
+        piece = flat[offset:offset + size]
+        reduced.append(piece.item() if not shapes[k] else piece.view(shapes[k]))
+        offset += size
     results: dict[str, float] = {}
-    for task in evaluated:  # each metric: the mean over the task's labelled validation elements
-        task_sums = {k: v for (t, k), v in zip(keys, flat) if t == task.name}
+    for task in evaluated:  # each metric: the mean over the task's labelled validation elements (or F1 ...)
+        task_sums = {k: v for (t, k), v in zip(keys, reduced) if t == task.name}
         for metric, value in task.metrics_from_sums(task_sums).items():
             results[f"eval/{task.name}/{metric}"] = value
     return results

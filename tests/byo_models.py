@@ -274,5 +274,113 @@ def real(encoder_class):
     return make
 
 
-CELLS = {"custom": custom, "tokens": tokens, "pixels": pixels, "mmoe": soft_sharing("mmoe"),
+# -- the image and text task kinds: multilabel, segmentation, depth, normals, token_classification --
+
+
+class KindsData(torch.utils.data.Dataset):
+    """1x8x8 images and one partially labelled target per kind: ``labels`` multilabel (4 labels,
+    NaN on a fifth), ``seg`` 3 classes per pixel (-100 on a quarter), ``depth`` positive per pixel
+    (NaN on 30 %), ``normals`` (3, 8, 8) unit vectors (a pixel missing on one channel or all
+    three), ``rows`` one tag in 3 classes per image row: 8 "tokens" (-100 on a third)."""
+
+    def __init__(self, n: int = 48, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.image = torch.randn(n, 1, 8, 8, generator=g)
+        x = self.image[:, 0]
+        quadrants = torch.stack([x[:, :4, :4].mean((1, 2)), x[:, :4, 4:].mean((1, 2)), x[:, 4:, :4].mean((1, 2)),
+                                 x[:, 4:, 4:].mean((1, 2))], 1)
+        self.labels = (quadrants > 0).float()
+        self.labels[torch.rand(n, 4, generator=g) < 0.2] = float("nan")
+        self.seg = (x > 0.5).long() + (x > -0.5).long()
+        self.seg[torch.rand(n, 8, 8, generator=g) < 0.25] = -100
+        self.depth = x.abs() + 0.2 + 0.05 * torch.rand(n, 8, 8, generator=g)
+        self.depth[torch.rand(n, 8, 8, generator=g) < 0.3] = float("nan")
+        gy, gx = torch.gradient(x, dim=(1, 2))
+        self.normals = torch.nn.functional.normalize(torch.stack([-gx, -gy, torch.ones_like(x)], 1), dim=1)
+        self.normals[:, 0][torch.rand(n, 8, 8, generator=g) < 0.1] = float("nan")  # one channel: the pixel is missing
+        self.normals.masked_fill_((torch.rand(n, 8, 8, generator=g) < 0.15)[:, None], float("nan"))
+        row = x.mean(2)
+        self.rows = (row > 0.3).long() + (row > -0.3).long()
+        self.rows[torch.rand(n, 8, generator=g) < 0.33] = -100
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"inputs": self.image[i], "labels": self.labels[i], "seg": self.seg[i], "depth": self.depth[i],
+                "normals": self.normals[i], "rows": self.rows[i]}
+
+
+class PyramidEncoder(nn.Module):
+    """(B, 1, 8, 8) -> [(B, 8, 8, 8), (B, 16, 4, 4)], as timm's features_only models return maps;
+    ``out_channels`` declares them for the built-in dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)  # not BatchNorm: batch statistics would differ per rank
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.out_channels = [8, 16]
+
+    def forward(self, image: torch.Tensor) -> list:
+        first = torch.relu(self.norm(self.conv1(image)))
+        return [first, torch.relu(self.conv2(first))]
+
+
+class PooledHead(nn.Module):
+    """Maps -> (B, out): the last map averaged over its pixels, then a linear layer (multilabel)."""
+
+    def __init__(self, channels: int = 16, out: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(channels, out)
+
+    def forward(self, maps: list) -> torch.Tensor:
+        return self.lin(maps[-1].mean((2, 3)))
+
+
+class RowTokenHead(nn.Module):
+    """Maps -> (B, L=8, C): each row of the first map, averaged over its columns, is a token."""
+
+    def __init__(self, channels: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.lin = nn.Linear(channels, classes)
+
+    def forward(self, maps: list) -> torch.Tensor:
+        return self.lin(maps[0].mean(3).transpose(1, 2))
+
+
+class SequenceEncoder(nn.Module):
+    """(B, 16) -> (B, 2, 8): two "tokens" of width ``out_dim``; ``pooled``: their mean, (B, 8)."""
+
+    def __init__(self, pooled: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.pooled, self.out_dim = pooled, 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.tanh(self.lin(x)).view(-1, 2, 8)
+        return tokens.mean(1) if self.pooled else tokens
+
+
+KIND_TASKS = [("labels", "multilabel", 4), ("seg", "segmentation", 3), ("depth", "depth", 0),
+              ("normals", "normals", 0), ("rows", "token_classification", 3)]
+
+
+def kinds_model(seed: int) -> "dist_mtl.MultiTaskModel":
+    from dist_mtl.models import DenseDecoder
+
+    torch.manual_seed(seed)
+    encoder = PyramidEncoder()
+    heads = {"labels": PooledHead(), "rows": RowTokenHead(),
+             **{name: DenseDecoder(encoder.out_channels, width, hidden=8, task=name)
+                for name, width in (("seg", 3), ("depth", 1), ("normals", 3))}}
+    return dist_mtl.MultiTaskModel(encoder, heads)
+
+
+def kinds(cfg) -> dict:
+    tasks = [dist_mtl.Task(name, kind=kind, num_classes=k) for name, kind, k in KIND_TASKS]
+    return dict(model=kinds_model(cfg.seed), tasks=tasks, train_data=KindsData(48, 0), val_data=KindsData(20, 1))
+
+
+CELLS = {"kinds": kinds, "custom": custom, "tokens": tokens, "pixels": pixels, "mmoe": soft_sharing("mmoe"),
          "cgc": soft_sharing("cgc"), "bn": real(NormEncoder), "tied": real(TiedEncoder), "unused": real(PoolerEncoder)}
