@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .tasks import Task
 
-CLASS_KINDS = ("classification", "segmentation", "token_classification")
+CLASS_KINDS = ("classification", "segmentation", "token_classification")  # (multilabel is a rate kind here)
 RATE_KINDS = ("binary", "multilabel")
 MEAN_KINDS = ("regression", "depth")
 

@@ -12,12 +12,17 @@ import math
 import shlex
 from pathlib import Path
 
-# The metric that speaks for a task, in order of preference, with its direction. Accuracy for
+# The metrics that speak for a task, in this order, with their direction. Accuracy for
 # classification and binary tasks; RMSE then MSE for regression (RMSE is in the target's units,
-# MSE is what the loss optimises and what docs/weighting.md's table quotes).
-HEADLINE: list[tuple[str, bool]] = [("accuracy", True), ("rmse", False), ("mse", False)]
+# MSE is what the loss optimises and what docs/weighting.md's table quotes); the image and text
+# kinds' own (docs/tasks.md).
+HEADLINE: list[tuple[str, bool]] = [("accuracy", True), ("miou", True), ("pixel_accuracy", True), ("mean_ap", True),
+                                    ("f1", True), ("rmse", False), ("mse", False), ("abs_err", False),
+                                    ("rel_err", False), ("mean_angle", False), ("within_11.25", True)]
 """(metric, higher_is_better) pairs, shown in this order when a task has them."""
 OTHER: list[tuple[str, bool]] = [("mae", False)]
+PERCENT = {"accuracy", "pixel_accuracy", "miou", "mean_ap", "f1", "within_11.25"}
+"""Metrics that are fractions, shown as percentages."""
 """Registered metrics shown when a task has none of ``HEADLINE`` (a task that asked for them only)."""
 
 
@@ -67,7 +72,7 @@ def format_value(metric: str, value: float | None) -> str:
     """Accuracy as a percentage, other metrics with 4 significant digits; ``-`` for None."""
     if value is None:
         return "-"
-    if metric == "accuracy" and math.isfinite(value):
+    if metric in PERCENT and math.isfinite(value):
         return f"{100 * value:.1f} %"
     return f"{value:.4g}"
 
@@ -84,12 +89,14 @@ def format_duration(seconds: float) -> str:
 
 
 def format_summary(run_dir: str | Path, metrics: dict[str, float], baselines: dict[str, dict[str, float]],
-                   wall_s: float, steps: int, world_size: int, start_step: int = 0) -> str:
+                   wall_s: float, steps: int, world_size: int, start_step: int = 0, constant: bool = False) -> str:
     """The end-of-run summary: one table row per headline metric of each task, beside its trivial
     baseline with the direction, then the wall time and where the model, metrics and plots are.
 
     ``metrics`` and ``baselines`` are final/eval.json's two halves; ``wall_s`` is this attempt's wall
     time (a resumed run counts from its resume at ``start_step``, which the header then names).
+    ``constant``: the baselines are constant predictions from the training labels' prior (data read
+    item by item, ``dist_mtl.baselines``), not the table baselines.
     """
     run_dir = Path(run_dir)
     processes = f"{world_size} process" + ("es" if world_size != 1 else "")
@@ -106,10 +113,13 @@ def format_summary(run_dir: str | Path, metrics: dict[str, float], baselines: di
             rows.append((task, metric, format_value(metric, values[metric]), format_value(metric, base),
                          word, direction))
     if len(rows) > 1:
-        if baselines:
+        if baselines and constant:
+            lines.append("final validation metrics; baseline: a constant prediction from the training labels "
+                         "(their mean, class frequencies or label rates)")
+        elif baselines:
             lines.append("final validation metrics; baseline: predict the train mean (regression) or majority class")
         else:  # (a dataset of the user's: its targets are not read ahead of training)
-            lines.append("final validation metrics (trivial baselines are computed for table data only)")
+            lines.append("final validation metrics (trivial baselines need labelled validation data of a built-in kind)")
             rows = [row[:3] + ("", "", "") for row in rows]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:

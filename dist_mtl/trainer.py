@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from . import __version__, checkpoint, faults, preemption, rundir
 from .config import Config, DataConfig, TrainConfig
-from .data import MultiTaskData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
+from .baselines import constant_output, estimate_priors
+from .data import DatasetSource, MultiTaskData, TensorData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
 from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
 from .engine import BackwardEngine, JacobianOptions, build_engine
@@ -279,8 +280,25 @@ class Trainer:
     def evaluate(self, done: int) -> None:
         """The validation metrics after step ``done``, logged and kept as ``final_eval``."""
         self.dist.sync_buffers(self.model)  # BatchNorm statistics: rank 0's everywhere, as DDP's next forward would
-        self.final_eval = evaluate(self.dist, self.model, self.data, self.cfg.train.eval_batch_size, self.cfg.data)
+        priors = self.baseline_priors() if done == self.cfg.train.max_steps else None
+        self.final_eval = evaluate(self.dist, self.model, self.data, self.cfg.train.eval_batch_size, self.cfg.data,
+                                   priors)
+        self.keep_baselines()
         self.tracker.log({"step": done, **self.final_eval})
+
+    def baseline_priors(self) -> dict[str, Tensor]:
+        """The label priors of the tasks of map-style datasets with validation data (tables have
+        their baselines from their columns): the constant predictions the summary compares with."""
+        groups = [g for g in self.data.groups if g.val is not None and not g.baselines and isinstance(g.train, DatasetSource)]
+        return estimate_priors(self.loader, groups) if groups else {}
+
+    def keep_baselines(self) -> None:
+        """Move ``baseline/<task>/<metric>`` out of ``final_eval`` into the data's baselines (for
+        final/eval.json and the summary)."""
+        for key in [k for k in self.final_eval if k.startswith("baseline/")]:
+            _, task, metric = key.split("/", 2)
+            group = next(g for g in self.data.groups if any(t.name == task for t in g.tasks))
+            group.baselines.setdefault(task, {})[metric] = self.final_eval.pop(key)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -353,7 +371,9 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         dist.sync_buffers(self.model)
         if not self.final_eval:  # resumed from the last step's checkpoint: nothing trained, still report
-            self.final_eval = evaluate(dist, self.model, self.data, cfg.train.eval_batch_size, cfg.data)
+            self.final_eval = evaluate(dist, self.model, self.data, cfg.train.eval_batch_size, cfg.data,
+                                       self.baseline_priors())
+            self.keep_baselines()
         digests = dist.check_consistent(self.model, cfg.train.max_steps)
         if dist.is_main:
             _write_final(dist, self.model, self.run_dir, self.data, self.final_eval)
@@ -363,7 +383,8 @@ class Trainer:
         self.tracker.finish()
         if dist.is_main:  # after W&B's closing lines: the summary is the last thing in a terminal or SLURM log
             print(format_summary(self.run_dir, self.final_eval, self.data.baselines, time.perf_counter() - started,
-                                 cfg.train.max_steps, dist.world_size, start_step=self.start), flush=True)
+                                 cfg.train.max_steps, dist.world_size, start_step=self.start,
+                                 constant=not any(isinstance(g.train, TensorData) for g in self.data.groups)), flush=True)
         self.shutdown()
         return TrainResult(self.run_dir, cfg.train.max_steps, self.final_eval, digests)
 
@@ -744,13 +765,18 @@ def _rank_spread(dist: Distributed, local_losses: dict[str, Tensor]) -> dict[str
 
 @torch.no_grad()
 def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_size: int,
-             loading: DataConfig | None = None) -> dict[str, float]:
+             loading: DataConfig | None = None, priors: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Per-task validation metrics over each dataset's whole validation split, each sample counted
     once: every rank evaluates a disjoint share and the per-sample sums are all-reduced (one flat
-    collective with a layout fixed by the tasks, so a rank with an empty share sends zeros)."""
+    collective with a layout fixed by the tasks, so a rank with an empty share sends zeros).
+    ``priors`` (``baselines.estimate_priors``): the same metrics of each of those tasks' constant
+    prediction too, as ``baseline/<task>/<metric>``, in the same pass and collective."""
     evaluated = [task for group in data.groups if group.val is not None for task in group.tasks]
+    priors = priors or {}
     # scalars, and the fixed-shape count vectors of F1 / mIoU / mean AP (shapes from the tasks alone)
     shapes = {(task.name, key): shape for task in evaluated for key, shape in task.sum_shapes.items()}
+    shapes.update({(BASELINE + task.name, key): shape for task in evaluated if task.name in priors
+                   for key, shape in task.sum_shapes.items()})
     keys = list(shapes)
     if not keys:  # no validation data (fit without val_data)
         return {}
@@ -767,6 +793,10 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
             for task in group.tasks:
                 for key, value in task.metric_sums(outputs[task.name], targets[task.name]).items():
                     sums[(task.name, key)] += value
+                if task.name in priors:
+                    constant = constant_output(task, priors[task.name], targets[task.name])
+                    for key, value in task.metric_sums(constant, targets[task.name]).items():
+                        sums[(BASELINE + task.name, key)] += value
     module.train()
     # one collective: every sum flattened in the fixed order of ``keys``, cut back into its shape
     flat = dist.all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys])).cpu()
@@ -778,10 +808,15 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
         offset += size
     results: dict[str, float] = {}
     for task in evaluated:  # each metric: the mean over the task's labelled validation elements (or F1 ...)
-        task_sums = {k: v for (t, k), v in zip(keys, reduced) if t == task.name}
-        for metric, value in task.metrics_from_sums(task_sums).items():
-            results[f"eval/{task.name}/{metric}"] = value
+        for prefix, source in (("eval", task.name), ("baseline", BASELINE + task.name)):
+            task_sums = {k: v for (t, k), v in zip(keys, reduced) if t == source}
+            for metric, value in (task.metrics_from_sums(task_sums) if task_sums else {}).items():
+                results[f"{prefix}/{task.name}/{metric}"] = value
     return results
+
+
+BASELINE = "\0baseline:"
+"""``evaluate``'s key prefix of a task's constant-prediction sums (no task name can start with it)."""
 
 
 def build_optimizer(t: TrainConfig, model: MultiTaskModel) -> torch.optim.Optimizer:

@@ -127,6 +127,17 @@ def test_augmented_stream_on_two_processes_with_workers_equals_one_without(tmp_p
     assert_params_close(two, one, FP32_RTOL, "augmented stream, 2 processes x accum 2 vs 1")
     waits = [r["perf/data_wait"] for r in two.metrics() if "perf/data_wait" in r]
     assert waits and all(0 <= w < 1 for w in waits)
+    # Baselines of data read item by item: the constant prediction from the training labels' prior
+    # (here the first 6 batches of 16: exactly one epoch of the 96 rows), scored on validation.
+    train, val = Noisy(rows=96), Noisy(rows=40, seed=1, augment=False)
+    expected_mse = float(((val.level - train.level.mean()) ** 2).mean())
+    majority = int(train.kind.float().mean() > 0.5)
+    expected_accuracy = float((val.kind == majority).double().mean())
+    for run in (one, two):
+        baselines = run.json("final/eval.json")["baselines"]
+        assert baselines["level"]["mse"] == pytest.approx(expected_mse, rel=1e-5)
+        assert baselines["kind"]["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
+    assert "baseline: a constant prediction from the training labels" in one.stdout
 
 
 @pytest.mark.slow

@@ -71,10 +71,13 @@ def test_without_baselines_or_metrics_it_still_reads():
     assert "better (lower is better)" in words(rows(partial)["price", "rmse"])
     # A user's datasets have none at all: the header says so instead of promising them on every row.
     text = format_summary("/r", METRICS, {}, 5, 5, 1)
-    assert "trivial baselines are computed for table data only" in text and "predict the train mean" not in text
+    assert "trivial baselines need labelled validation data of a built-in kind" in text and "predict the train mean" not in text
     assert "baseline" not in text.replace("trivial baselines", "")
     assert words(next(line for line in text.splitlines() if line.startswith("  cut"))) == "cut accuracy 78.5 %"
     assert "no metrics were computed" in format_summary("/r", {}, {}, 5, 5, 1)
+    # Data read item by item: the baselines are constant predictions, and the header says so.
+    text = format_summary("/r", METRICS, BASELINES, 5, 5, 1, constant=True)
+    assert "baseline: a constant prediction from the training labels" in text and "train mean (regression)" not in text
 
 
 def test_headline_metrics_by_task_kind():
