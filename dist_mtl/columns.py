@@ -78,6 +78,8 @@ class ColumnDataset(torch.utils.data.Dataset):
         max_length: tokens kept per text (truncation).
         ignore: the value of unlabelled pixels in 8-bit mask targets (becomes -100).
         rows: read only the first ``rows`` rows (quick runs).
+        release_every: reopen the memory-mapped table after this many reads, so the mapped pages a
+            process has touched leave its RSS (0: never; a ``datasets.Dataset`` passed in is not reopened).
         key: the config key in errors.
     Raises DataError (exit 2) naming the column or key for a column that is not in the table or a
     tokenizer that cannot be loaded.
@@ -86,7 +88,8 @@ class ColumnDataset(torch.utils.data.Dataset):
     def __init__(self, path: Any, inputs: str, targets: dict[str, Any] | list[str], split: str | None = None,
                  image_size: list[int] | None = None, mean: list[float] | None = None, std: list[float] | None = None,
                  hflip: bool = False, crop_padding: int = 0, tokenizer: str | None = None, max_length: int = 128,
-                 ignore: int | None = 255, rows: int | None = None, key: str = "data.train") -> None:
+                 ignore: int | None = 255, rows: int | None = None, release_every: int = 1024,
+                 key: str = "data.train") -> None:
         import datasets
 
         table = path if isinstance(path, datasets.Dataset) else load_table(str(path), split, key)
@@ -94,11 +97,9 @@ class ColumnDataset(torch.utils.data.Dataset):
         for column in [inputs, *(c for cols in targets.values() for c in (cols if isinstance(cols, list) else [cols]))]:
             if column not in table.column_names:
                 raise DataError(f"{key}: column {column!r} is not in the data; columns: {', '.join(table.column_names)}")
-        # Images are decoded here, per row, so that a corrupt one names its column and row.
-        for column, feature in table.features.items():
-            if isinstance(feature, datasets.Image):
-                table = table.cast_column(column, datasets.Image(decode=False))
-        self.table = table.select(range(min(rows, len(table)))) if rows else table
+        self._open = None if isinstance(path, datasets.Dataset) else (lambda: load_table(str(path), split, key))
+        self.table = self._prepare(table, rows)
+        self.rows, self.release_every, self._reads = rows, release_every, 0
         self.inputs, self.targets, self.key = inputs, targets, key
         self.image_size = tuple(image_size) if image_size else None
         self.mean = torch.tensor(mean).view(-1, 1, 1) if mean else None
@@ -106,10 +107,26 @@ class ColumnDataset(torch.utils.data.Dataset):
         self.hflip, self.crop_padding, self.ignore, self.max_length = hflip, crop_padding, ignore, max_length
         self.tokenizer = load_tokenizer(tokenizer, f"{key}.tokenizer") if tokenizer else None
 
+    @staticmethod
+    def _prepare(table, rows: int | None):
+        import datasets
+
+        # Images are decoded here, per row, so that a corrupt one names its column and row.
+        for column, feature in table.features.items():
+            if isinstance(feature, datasets.Image):
+                table = table.cast_column(column, datasets.Image(decode=False))
+        return table.select(range(min(rows, len(table)))) if rows else table
+
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict:
+        self._reads += 1
+        if self._open is not None and self.release_every and self._reads % self.release_every == 0:
+            # The arrow files are memory-mapped: every page a read touches stays in this process's
+            # RSS (as page cache, reclaimable, but counted) until the mapping closes. Reopening the
+            # table every release_every reads keeps a worker's RSS bounded on sets larger than memory.
+            self.table = self._prepare(self._open(), self.rows)
         row = self.table[int(index)]
         item = {"inputs": self._input(row[self.inputs], index)}
         for name, columns in self.targets.items():
