@@ -22,11 +22,19 @@ in its backward. Evaluation uses the running statistics, with no communication. 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from .errors import UsageError
+
+# torch 2.13 marks torch.distributed.nn.functional.all_reduce deprecated in favour of the functional
+# collectives, which have no backward; this module needs the differentiable one, so the warning
+# (one per rank, at the first synchronised forward) would only be noise.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -50,13 +58,16 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
-        # fp32 sums for half inputs: the sum of squares of a bf16 activation loses the variance
+        # fp32 activations for half inputs, and the sums in float64: var = E[x^2] - E[x]^2 cancels
+        # in fp32 when a channel's mean is large against its spread. It costs 2C + 1 doubles.
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
-        count = torch.tensor([input.numel() / channels], dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([count, x.sum(dims), (x * x).sum(dims)]), op=torch_dist.ReduceOp.SUM)
+        count = torch.tensor([input.numel() / channels], dtype=torch.float64, device=x.device)
+        sums = [x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)]
+        stats = all_reduce(torch.cat([count, *sums]), op=torch_dist.ReduceOp.SUM)
         n = stats[0]
-        mean = stats[1:channels + 1] / n
-        var = (stats[channels + 1:] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
+        mean64 = stats[1:channels + 1] / n
+        var = (stats[channels + 1:] / n - mean64 * mean64).clamp_min(0.0).to(x.dtype)  # biased, as BN normalises
+        mean = mean64.to(x.dtype)
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), n.item())
         shape = [1, channels] + [1] * (input.dim() - 2)
