@@ -77,20 +77,32 @@ def files(tmp_path_factory):
     return tmp, {name: write_config(tmp / f"{name}.yaml", cfg) for name, cfg in configs.items()}
 
 
+GROUPS = [
+    [("vit", "sum", 1), ("vit", "jacobian", 1), ("vit", "sum", 2), ("vit", "per_task", 2), ("vit", "jacobian", 2),
+     ("resnet", "sum", 1), ("resnet_sync", "sum", 2), ("resnet_plain", "sum", 2)],
+    [("bert", "sum", 1), ("bert", "jacobian", 1), ("bert", "sum", 2), ("bert", "per_task", 2), ("bert", "jacobian", 2)],
+]
+"""Runs launched together (start-up, mostly imports, overlaps with the others' work on 2 cores): a
+test asking for one run of a group starts its whole group. Two groups keep the memory moderate."""
+
+
 @pytest.fixture(scope="module")
 def runs(files):
-    """(config, engine, nproc) -> checked Run; 2 processes run grad_accum 2, except with sync_batchnorm."""
+    """(config, engine, nproc) -> checked Run; 2 processes run grad_accum 2, except the ResNets."""
     tmp, configs = files
     cache: dict = {}
 
+    def args(key):
+        name, engine, nproc = key
+        accum = ["train.grad_accum=2"] if nproc == 2 and not name.startswith("resnet") else []
+        return dict(config=configs[name], output_dir=tmp / f"{name}-{engine}-p{nproc}", nproc=nproc,
+                    overrides=[*SGD, *ENGINES[engine], *accum], env=ENV,
+                    launcher="torchrun" if engine == "per_task" else "accelerate")
+
     def run(*keys):
-        def args(key):
-            name, engine, nproc = key
-            accum = ["train.grad_accum=2"] if nproc == 2 and not name.startswith("resnet") else []
-            return dict(config=configs[name], output_dir=tmp / f"{name}-{engine}-p{nproc}", nproc=nproc,
-                        overrides=[*SGD, *ENGINES[engine], *accum], env=ENV,
-                        launcher="torchrun" if engine == "per_task" else "accelerate")
-        return launch_missing(cache, list(keys), args)
+        group = [k for g in GROUPS if set(keys) & set(g) for k in g]
+        launch_missing(cache, sorted({*keys, *group}), args)
+        return [cache[key] for key in keys]
     return run
 
 
@@ -147,14 +159,26 @@ def test_transformers_bert_on_padded_texts_two_processes_with_accumulation_equal
     reference = "jacobian" if engine == "jacobian" else "sum"
     one, two = runs(("bert", reference, 1), ("bert", engine, 2))
     assert_ranks_identical(two, 2)
-    assert_params_close(two, one, RTOL, f"bert {engine}")
-    assert "pooler" not in " ".join(_names(one))  # BERT's unused pooler is not built
+    diff = _bert_difference(two, one)
+    print(f"measured bert {engine}: {diff:.2e}")
+    assert diff <= RTOL
 
 
-def _names(run) -> list[str]:
+KEY_BIAS = "attention.self.key.bias"
+"""Attention's key bias has an exactly zero gradient (it adds q.b to every score of a query, and
+softmax ignores a shift), so from its zero init it holds float rounding noise only (about 1e-13),
+whose relative difference between two runs means nothing (measured 0.7)."""
+
+
+def _bert_difference(run, reference) -> float:
+    """The max relative difference per tensor of the final weights, the key biases checked apart."""
     from safetensors.torch import load_file
 
-    return list(load_file(str(run.output_dir / "final/model.safetensors")))
+    a, b = (load_file(str(r.output_dir / "final/model.safetensors")) for r in (run, reference))
+    assert a.keys() == b.keys() and not any("pooler" in k for k in a)  # BERT's unused pooler is not built
+    for k in [k for k in a if k.endswith(KEY_BIAS)]:
+        assert a.pop(k).abs().max() < 1e-9 and b.pop(k).abs().max() < 1e-9, k
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
 
 
 def test_a_missing_model_or_tokenizer_is_one_line_naming_the_key(files, tmp_path):
