@@ -229,3 +229,39 @@ def test_text_collator_pads_per_batch_and_padding_does_not_change_the_features(f
         together = encoder(batch["inputs"])
         alone = torch.cat([encoder(collate([item])["inputs"]) for item in items])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_timm_features_only_gives_the_maps_and_their_channels():
+    import dist_mtl
+
+    encoder = dist_mtl.TimmEncoder(RESNET["name"], features_only=True, out_indices=[1, 2], kwargs=RESNET["kwargs"])
+    maps = encoder(torch.randn(2, 3, 16, 16))
+    assert isinstance(maps, list) and [m.shape[1] for m in maps] == encoder.out_channels == [8, 8]
+    assert not hasattr(encoder, "out_dim")  # no pooled width: the default MLP head cannot read a list
+
+
+def test_cpu_sync_batchnorm_conversion_keeps_the_parameters_and_refuses_a_subclass_with_its_own_forward():
+    from dist_mtl.compat import import_timm
+
+    BatchNormAct2d = import_timm().layers.BatchNormAct2d  # (timm imported through the torchvision fix)
+    from dist_mtl.batchnorm import CpuSyncBatchNorm, convert_cpu_sync_batchnorm
+    from dist_mtl.errors import UsageError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    weight = model[1].weight
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    converted = convert_cpu_sync_batchnorm(model)
+    assert isinstance(converted[1], CpuSyncBatchNorm) and converted[1].weight is weight and not converted[1].training
+    torch.testing.assert_close(converted(x), before)  # one process: exactly BatchNorm
+    with pytest.raises(UsageError, match=r"model.sync_batchnorm: cannot synchronise 1 \(BatchNormAct2d"):
+        convert_cpu_sync_batchnorm(torch.nn.Sequential(torch.nn.Identity(), BatchNormAct2d(4)))
+
+
+def test_a_library_block_without_its_encoder_is_refused():
+    from dist_mtl import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.timm: applies to model.encoder: timm only"):
+        load_config({"model": {"timm": {"name": "resnet18"}}})
+    with pytest.raises(ConfigError, match="model.transformers.name_or_path: is required"):
+        load_config({"model": {"encoder": "transformers"}})
