@@ -65,6 +65,18 @@ def __getattr__(name: str):
         from . import encoders
 
         return getattr(encoders, name)
+    if name in ("TimmEncoder", "TransformersEncoder"):
+        from . import backbones
+
+        return getattr(backbones, name)
+    if name == "CpuSyncBatchNorm":
+        from .batchnorm import CpuSyncBatchNorm
+
+        return CpuSyncBatchNorm
+    if name in ("load_tokenizer", "TextCollator"):
+        from . import text
+
+        return getattr(text, name)
     if name == "TrainResult":
         from .trainer import TrainResult
 
@@ -72,5 +84,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dist_mtl' has no attribute {name!r}")
 
 
-__all__ = ["CGC", "Config", "ConfigError", "DataError", "IGNORE_INDEX", "LOSSES", "METRICS", "MMoE", "MultiTaskModel",
-           "Task", "TrainResult", "UsageError", "__version__", "fit", "load_config", "train"]
+__all__ = ["CGC", "Config", "ConfigError", "CpuSyncBatchNorm", "DataError", "IGNORE_INDEX", "LOSSES", "METRICS", "MMoE",
+           "MultiTaskModel", "Task", "TextCollator", "TimmEncoder", "TrainResult", "TransformersEncoder", "UsageError",
+           "__version__", "fit", "load_config", "load_tokenizer", "train"]

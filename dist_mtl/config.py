@@ -80,9 +80,10 @@ class DataConfig:
     one key per task target."""
     val: Any = None
     """``source: python``: the validation dataset, as ``train``. Without it nothing is evaluated."""
-    collate: str | None = None
+    collate: Any = None
     """``source: python``: a dotted path to the function that makes a batch (a dict) from a list of
-    items. Default: the dataset's own ``collate`` attribute if it has one, else
+    items, or ``{class_path, init_args}`` of a callable class (``dist_mtl.text.TextCollator`` pads
+    text per batch). Default: the dataset's own ``collate`` attribute if it has one, else
     ``torch.utils.data.default_collate``."""
     num_workers: int = 0
     """Map-style datasets (``source: python``, ``fit``): worker processes per training process
@@ -145,19 +146,61 @@ class TaskConfig:
 
 
 @dataclass
+class TimmConfig:
+    """``model.encoder: timm``: any timm model as the shared encoder (see docs/encoders.md)."""
+
+    name: str | None = None
+    """A timm model name (``timm.list_models()``), e.g. ``resnet18`` or ``vit_tiny_patch16_224``;
+    an unknown name is refused with the nearest ones."""
+    pretrained: bool = False
+    """Load timm's pretrained weights for ``name`` (downloaded and cached by timm itself)."""
+    features_only: bool = False
+    """Return the list of feature maps (for dense heads; ``model.heads`` must then read the list)
+    instead of the pooled features."""
+    out_indices: list[int] | None = None
+    """With ``features_only``: the feature levels to return. Default: all of them."""
+    in_chans: int = 3
+    """Input channels of the images."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for ``timm.create_model``, e.g. ``{img_size: 16, embed_dim: 32, depth: 2}``."""
+
+
+@dataclass
+class TransformersConfig:
+    """``model.encoder: transformers``: a HuggingFace transformers model (``AutoModel``)."""
+
+    name_or_path: str | None = None
+    """A hub model name or a local directory written by ``save_pretrained``."""
+    pretrained: bool = False
+    """``true``: load the weights (``AutoModel.from_pretrained``); ``false``: only the config, with
+    randomly initialised weights (``AutoModel.from_config``)."""
+    pooling: Literal["cls", "mean", "none"] = "cls"
+    """``cls``: the first token's features (B, D); ``mean``: the mean over the tokens whose
+    attention mask is 1 (B, D); ``none``: every token's features (B, L, D), for token-level tasks."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Model config attributes set before building, e.g. ``{hidden_dropout_prob: 0}``."""
+
+
+@dataclass
 class ModelConfig:
     """Shared encoder plus one head per task."""
 
     encoder: Any = "mlp"
-    """A registered encoder (``mlp``, ``mmoe``, ``cgc``), a dotted path to an nn.Module class, or
-    ``{class_path, init_args}``. ``mlp`` is built from the fields below; the others from their
-    ``init_args`` (``tasks`` is passed when the class takes it)."""
+    """A registered encoder (``mlp``, ``timm``, ``transformers``, ``mmoe``, ``cgc``), a dotted path to
+    an nn.Module class, or ``{class_path, init_args}``. ``mlp`` is built from the fields below,
+    ``timm`` and ``transformers`` from their blocks below; the others from their ``init_args``
+    (``tasks`` is passed when the class takes it)."""
     heads: dict[str, Any] = field(default_factory=dict)
     """Per task, ``{class_path, init_args}`` (or a dotted path) of its head, replacing the default
     MLP head (which needs the encoder's ``out_dim``)."""
     sync_batchnorm: bool = False
-    """Convert every BatchNorm to SyncBatchNorm, so batch statistics are those of the global
-    micro-batch: N processes then match 1 with ``grad_accum: 1`` (see docs)."""
+    """Normalise with the batch statistics of the global micro-batch (all ranks): every BatchNorm
+    becomes ``nn.SyncBatchNorm`` on GPUs, and dist-mtl's ``CpuSyncBatchNorm`` on CPU processes. N
+    processes then match 1 with ``grad_accum: 1`` (see docs/encoders.md)."""
+    timm: TimmConfig = field(default_factory=TimmConfig)
+    """The timm model of ``encoder: timm``."""
+    transformers: TransformersConfig = field(default_factory=TransformersConfig)
+    """The transformers model of ``encoder: transformers``."""
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     """Hidden layer widths of the encoder; the last one is the representation size."""
     activation: str = "relu"
@@ -766,10 +809,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     m = cfg.model
     if isinstance(m.encoder, str) and "." not in m.encoder and not m.encoder.startswith("<python> "):
         _check_name(m.encoder, {**ENCODERS, **ENCODER_PATHS}, "model.encoder")
-        _require(m.encoder == "mlp", "model.encoder",
+        _require(m.encoder in BLOCK_ENCODERS, "model.encoder",
                  f"{m.encoder!r} is built from init_args: write it as {{class_path: {m.encoder}, init_args: {{...}}}}")
     else:
         _check_plugin(m.encoder, {**ENCODERS, **ENCODER_PATHS}, "model.encoder")
+    _validate_library_encoders(m)
     for name, head in m.heads.items():
         if not pending:
             _check_name(name, {t: None for t in seen}, f"model.heads.{name}")
@@ -779,11 +823,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"must be a non-empty list of positive widths, got {m.hidden}")
     _require(all(h > 0 for h in m.head_hidden), "model.head_hidden", f"widths must be positive, got {m.head_hidden}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.sync_batchnorm and world_size > 1:
-        import torch
-
-        _require(torch.cuda.is_available(), "model.sync_batchnorm", "SyncBatchNorm needs GPUs: DDP refuses it on "
-                 "CPU processes; on CPU use GroupNorm or LayerNorm for a run that matches 1 process exactly")
 
     mtl = cfg.mtl
     _check_name(mtl.backward, BACKWARDS, "mtl.backward")
@@ -909,6 +948,34 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         build_weighting(cfg, name, args, key=key)
     _require(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir",
              f"must be a non-empty path without NUL characters, got {cfg.output_dir!r}")
+
+
+BLOCK_ENCODERS = ("mlp", "timm", "transformers")
+"""Encoder names built from ``model.*`` fields (``mlp``) or their own ``model.<name>`` block."""
+
+
+def _validate_library_encoders(m: ModelConfig) -> None:
+    """``model.timm`` / ``model.transformers``: required with their encoder, refused without it (a
+    block that is set but unused is a mistake worth one line). The timm name is checked against
+    timm's registry here (no download); a transformers path, when local, must exist; a hub name is
+    resolved when the model is built."""
+    from .backbones import check_timm_name, check_transformers_path
+
+    if m.encoder == "timm":
+        check_timm_name(m.timm.name, "model.timm.name")
+        _require(m.timm.in_chans > 0, "model.timm.in_chans", f"must be a positive integer, got {m.timm.in_chans}")
+        _require(m.timm.out_indices is None or m.timm.features_only, "model.timm.out_indices",
+                 "applies with model.timm.features_only: true only")
+        _require_finite(m.timm.kwargs, "model.timm.kwargs")
+    else:
+        _require(m.timm == TimmConfig(), "model.timm", f"applies to model.encoder: timm only (encoder is "
+                 f"{m.encoder if isinstance(m.encoder, str) else 'a class path'}); remove it")
+    if m.encoder == "transformers":
+        check_transformers_path(m.transformers.name_or_path, "model.transformers.name_or_path")
+        _require_finite(m.transformers.config_overrides, "model.transformers.config_overrides")
+    else:
+        _require(m.transformers == TransformersConfig(), "model.transformers", f"applies to model.encoder: "
+                 f"transformers only (encoder is {m.encoder if isinstance(m.encoder, str) else 'a class path'}); remove it")
 
 
 _ALL_TASKS_AGGREGATORS = ("nashmtl",)

@@ -65,8 +65,12 @@ class MLPEncoder(nn.Module):
 # name -> class(input_dim, ModelConfig) with an ``out_dim`` attribute
 ENCODERS: dict[str, type[nn.Module]] = {"mlp": MLPEncoder}
 
-ENCODER_PATHS: dict[str, str] = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC"}
-"""Registered encoders besides ``mlp``, built from their ``init_args`` (``tasks`` is passed at run time)."""
+ENCODER_PATHS: dict[str, str] = {"mmoe": "dist_mtl.encoders.MMoE", "cgc": "dist_mtl.encoders.CGC",
+                                  "timm": "dist_mtl.backbones.TimmEncoder",
+                                  "transformers": "dist_mtl.backbones.TransformersEncoder"}
+"""Registered encoders besides ``mlp``, built from their ``init_args`` (``tasks`` is passed at run
+time); ``timm`` and ``transformers`` given as a plain name are built from ``model.timm`` /
+``model.transformers`` instead."""
 
 
 def _takes_inputs(head: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from .baselines import constant_output, estimate_priors
 from .data import DatasetSource, MultiTaskData, TensorData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
 from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
+from .batchnorm import convert_cpu_sync_batchnorm, is_synchronised
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError, UsageError
 from .models import ENCODER_PATHS, DenseDecoder, MultiTaskModel, build_model, feature_channels, mlp
@@ -501,6 +503,10 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
         m = cfg.model
         if m.encoder == "mlp":
             encoder = build_model(m, data.input_dim, {}).encoder
+        elif m.encoder in ("timm", "transformers"):  # built from its own block, model.timm / model.transformers
+            block = getattr(m, m.encoder)
+            encoder = instantiate({"class_path": m.encoder, "init_args": dataclasses.asdict(block)},
+                                  f"model.{m.encoder}", ENCODER_PATHS)
         else:
             encoder = instantiate(m.encoder, "model.encoder", ENCODER_PATHS, tasks=names)
         heads = {}
@@ -531,8 +537,10 @@ def build_full_model(cfg: Config, data: MultiTaskData, model: nn.Module | None =
             raise UsageError(f"fit(model=...): the model has no head for task {missing[0]!r}" if missing else
                              f"fit(model=...): the model has a head for {extra[0]!r}, which is not a task")
     model.check_partition()
-    if cfg.model.sync_batchnorm:  # (refused on several CPU processes by the config's validation)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.sync_batchnorm:
+        # torch's SyncBatchNorm takes CUDA tensors only (DDP refuses it on CPU ranks): ours there
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if torch.cuda.is_available() \
+            else convert_cpu_sync_batchnorm(model)
     return model
 
 
@@ -574,8 +582,7 @@ def exactness_warnings(model: nn.Module, cfg: Config, world_size: int) -> list[s
     warnings = []
     split = world_size > 1 or cfg.train.grad_accum > 1
     norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    synced = all(isinstance(m, nn.SyncBatchNorm) for m in model.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    synced = all(is_synchronised(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     if norms and split and not (synced and cfg.train.grad_accum == 1):
         warnings.append(f"the model has {len(norms)} BatchNorm layer(s): their batch statistics are those of each "
                         "process's micro-batch, so this run matches a 1-process run only approximately; for an exact "

@@ -1,0 +1,68 @@
+"""Imports of optional libraries that need help on some installs.
+
+``prepare_torchvision()`` (and ``import_timm()``): timm and transformers' model modules import
+torchvision. A torchvision wheel built for CUDA next to a CPU torch
+(pip can end up there: the two wheels come from different indexes) has a C++ extension that does
+not load. torchvision's Python code tolerates that everywhere except in
+``torchvision/_meta_registrations.py``, which registers fake kernels for ``torchvision::nms`` and
+``torchvision::qnms`` unconditionally, so ``import torchvision`` (and so ``import timm``) fails with
+``RuntimeError: operator torchvision::nms does not exist``. When, and only when, the real import
+fails that way, we define the two operator *schemas* (no kernels) and import again: timm's models
+never call these detection ops, and the ops themselves stay unavailable (calling
+``torchvision.ops.nms`` still raises).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
+
+_schemas: Any = None
+"""The ``torch.library.Library`` that holds the two schemas; kept alive for the process's lifetime
+(a Library object removes its definitions when it is garbage-collected)."""
+
+
+def _define_missing_torchvision_ops() -> None:
+    """Define ``torchvision::nms`` and ``torchvision::qnms`` schemas (no kernels), once."""
+    global _schemas
+    if _schemas is not None:
+        return
+    import torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _schemas = lib
+
+
+def _forget(prefixes: tuple[str, ...]) -> None:
+    """Drop the partly imported modules of a failed import, so that the retry runs them again."""
+    for name in [n for n in sys.modules if n in prefixes or n.startswith(tuple(p + "." for p in prefixes))]:
+        del sys.modules[name]
+
+
+def prepare_torchvision() -> None:
+    """Make ``import torchvision`` work (see the module docstring), so that the libraries that
+    import it (timm, and transformers' model modules) do too. Nothing when torchvision imports as
+    is, or is not installed (transformers runs without it)."""
+    try:
+        importlib.import_module("torchvision")
+    except ImportError:
+        return
+    except RuntimeError as e:
+        if "torchvision::nms does not exist" not in str(e):
+            raise
+        _forget(("torchvision",))
+        _define_missing_torchvision_ops()
+        importlib.import_module("torchvision")  # the retry
+
+
+def import_timm() -> ModuleType:
+    """``import timm``, after ``prepare_torchvision``. Raises ``ImportError`` when timm is not
+    installed; any other import error as is."""
+    prepare_torchvision()
+    import timm
+
+    return timm
