@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .errors import DataError
 from .tasks import IGNORE_INDEX
+from .text import TextCollator, encode_text, load_tokenizer
 
 
 def load_table(path: str, split: str | None = None, key: str = "data.train"):
@@ -106,6 +107,7 @@ class ColumnDataset(torch.utils.data.Dataset):
         self.std = torch.tensor(std).view(-1, 1, 1) if std else None
         self.hflip, self.crop_padding, self.ignore, self.max_length = hflip, crop_padding, ignore, max_length
         self.tokenizer = load_tokenizer(tokenizer, f"{key}.tokenizer") if tokenizer else None
+        self._collator = None
 
     @staticmethod
     def _prepare(table, rows: int | None):
@@ -158,8 +160,7 @@ class ColumnDataset(torch.utils.data.Dataset):
         if self.tokenizer is None:
             raise DataError(f"{self.key}.tokenizer: column {self.inputs!r} holds text; name a tokenizer "
                             "(a hub name or a local directory)")
-        encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
-        return {name: torch.tensor(values, dtype=torch.long) for name, values in encoded.items()}
+        return encode_text(self.tokenizer, text, self.max_length)
 
     def _target(self, value: Any, column: str, index: int) -> Tensor:
         if value is None:
@@ -220,44 +221,17 @@ class ColumnDataset(torch.utils.data.Dataset):
         return item
 
     def collate(self, items: list[dict]) -> dict:
-        """A batch of items: text inputs padded to the batch's longest (``attention_mask`` 0 on the
-        padding), token-level targets padded with -100, everything else stacked."""
+        """A batch of items: text inputs padded to the batch's longest (``dist_mtl.text.TextCollator``:
+        ``attention_mask`` 0 on the padding, token-level targets padded with -100), else stacked."""
         from torch.utils.data import default_collate
 
         if not isinstance(items[0]["inputs"], dict):
             return default_collate(items)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
-        length = max(len(item["inputs"]["input_ids"]) for item in items)
-        batch: dict = {"inputs": {}}
-        for name in items[0]["inputs"]:
-            fill = pad_id if name == "input_ids" else 0
-            batch["inputs"][name] = torch.stack([_pad(item["inputs"][name], length, fill) for item in items])
-        for name in (k for k in items[0] if k != "inputs"):
-            values = [item[name] for item in items]
-            if values[0].dim() == 1 and all(len(v) == len(item["inputs"]["input_ids"]) for v, item in zip(values, items)):
-                batch[name] = torch.stack([_pad(v, length, IGNORE_INDEX if not v.is_floating_point() else float("nan"))
-                                           for v in values])
-            else:
-                batch[name] = torch.stack(values)
-        return batch
-
-
-def _pad(values: Tensor, length: int, fill) -> Tensor:
-    return torch.cat([values, values.new_full((length - len(values),), fill)])
+        if self._collator is None:
+            self._collator = TextCollator(self.tokenizer)
+        return self._collator(items)
 
 
 def _is_image(value: Any) -> bool:
     return (isinstance(value, dict) and ("bytes" in value or "path" in value)) or isinstance(value, bytes) \
         or type(value).__module__.startswith("PIL")
-
-
-def load_tokenizer(name_or_path: str, key: str):
-    """``transformers.AutoTokenizer.from_pretrained(name_or_path)``; DataError naming ``key`` when it
-    is neither a local tokenizer directory nor reachable on the hub."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:
-        raise DataError(f"{key}: cannot load tokenizer {name_or_path!r} (not a local tokenizer directory, and "
-                        f"not reachable on the hub: {type(e).__name__})") from None

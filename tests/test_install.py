@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 from dist_mtl.aggregation import AGGREGATORS, EXTRAS, install_hint, make_torchjd_aggregator
+from dist_mtl.compat import prepare_torchvision
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRA_REQUIREMENTS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
@@ -51,6 +52,9 @@ def _modules(distribution: str) -> list[str]:
 def test_every_package_the_dev_extra_promises_is_installed_and_imports(requirement):
     version = metadata.version(requirement.name)
     assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name} {version}"
+    # As dist_mtl imports them: a CUDA torchvision wheel beside the CPU torch needs the two detection
+    # op schemas defined first (dist_mtl.compat); timm imports torchvision.
+    prepare_torchvision()
     for module in _modules(requirement.name):
         importlib.import_module(module)
 
