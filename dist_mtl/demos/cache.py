@@ -1,0 +1,116 @@
+"""The on-disk cache shared by the demo datasets: built once, atomically, then memory-mapped.
+
+Layout: ``<base>/<name>-v<version>/<key>/`` holds ``train/`` and ``val/`` (``datasets``
+``save_to_disk`` directories, read back memory-mapped by ``load_from_disk``) and ``meta.json``
+(the build parameters, statistics the items need, and the build time). ``<key>`` spells the
+build parameters, so a test's tiny build never shadows the demo's full one.
+
+Why atomic: every process of a distributed run constructs the dataset, and a build can be killed
+(preemption, Ctrl-C). The build writes into a sibling temporary directory and renames it into
+place in one ``os.rename``; a directory at the final path is therefore always complete. Two
+processes that build at once both finish and one rename wins; the loser discards its copy (the
+builds are deterministic, so both copies are the same data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+BUILDS: Counter = Counter()
+"""How many times each ``<name>`` was built in this process (the tests check the cache is reused)."""
+
+_ENV = "DIST_MTL_CACHE"
+
+
+def cache_base(root: str | os.PathLike | None = None) -> Path:
+    """The cache's base directory: ``root``, else ``$DIST_MTL_CACHE``, else ``~/.cache/dist_mtl``."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get(_ENV):
+        return Path(os.environ[_ENV]).expanduser()
+    return Path.home() / ".cache" / "dist_mtl"
+
+
+def cache_dir(name: str, version: int, key: str, root: str | os.PathLike | None = None) -> Path:
+    """``<base>/<name>-v<version>/<key>``: where one build of one dataset lives."""
+    return cache_base(root) / f"{name}-v{version}" / key
+
+
+def ensure_built(path: Path, name: str, build: Callable[[Path], dict]) -> dict:
+    """Build the cache at ``path`` unless it exists, and return its ``meta.json``.
+
+    ``build(tmp)`` writes everything into the empty directory ``tmp`` and returns the metadata to
+    store (JSON-serialisable); this function adds ``build_seconds`` and ``built_at``, writes
+    ``meta.json`` last, then renames ``tmp`` to ``path``.
+    """
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a sibling of the target: same file system, so the rename is atomic
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            start = time.perf_counter()
+            meta = build(tmp)
+            meta.update(build_seconds=round(time.perf_counter() - start, 3), built_at=time.time())
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process renamed its (identical) build into place first
+                if not meta_file.is_file():
+                    raise
+            else:
+                BUILDS[name] += 1
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads(meta_file.read_text())
+
+
+def load_split(path: Path, split: str):
+    """The memory-mapped ``datasets.Dataset`` of one split (``"train"`` or ``"val"``)."""
+    import datasets
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    return datasets.load_from_disk(str(path / split))
+
+
+def save_split(ds, tmp: Path, split: str) -> None:
+    """Write one split into the build directory (one arrow shard: these sets are small)."""
+    import datasets
+
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per split is noise in a training log
+    try:
+        ds.save_to_disk(str(tmp / split), num_shards=1)
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def png_bytes(array, mode: str | None = None) -> bytes:
+    """PNG-encode a uint8 (H, W) / (H, W, 3) or uint16 (H, W) array (lossless, deterministic)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def png_array(data: bytes):
+    """Decode PNG bytes into a numpy array (uint8 or uint16, as written)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image)
