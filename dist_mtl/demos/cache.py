@@ -114,3 +114,48 @@ def png_array(data: bytes):
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image)
+
+
+class Rows:
+    """Row ``i`` of a memory-mapped ``datasets.Dataset`` straight from its arrow table.
+
+    ``datasets``' own row formatting costs about 1 ms a row for array columns (it rebuilds numpy
+    dtypes and JSON feature specs per row); this reads the same arrow buffers in ~0.05 ms:
+    ``Image`` columns give their PNG bytes, ``Array2D``/``Array3D`` columns a numpy array of their
+    shape (a view of the memory map where arrow allows: copy before writing), list columns a 1-d
+    numpy array, scalar columns a Python value; only ``columns`` (default: all) are read. Picklable (DataLoader workers): the dataset pickles
+    by its file paths.
+    """
+
+    def __init__(self, dataset, columns: list[str] | None = None) -> None:
+        self.dataset = dataset
+        self.features = {name: dataset.features[name] for name in (columns or dataset.features)}
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        import datasets
+        import numpy as np
+        import pyarrow as pa
+
+        if not 0 <= i < self.dataset.num_rows:
+            raise IndexError(f"row {i} out of range for {self.dataset.num_rows} rows")
+        row = self.dataset.data.fast_slice(i, 1)  # a zero-copy slice of the memory-mapped table
+        out = {}
+        for name, feature in self.features.items():
+            column = row.column(name)
+            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            if isinstance(feature, datasets.Image):
+                out[name] = array.field("bytes")[0].as_py()
+            elif isinstance(feature, (datasets.Array2D, datasets.Array3D, datasets.Array4D, datasets.Array5D)):
+                values = array.storage if isinstance(array, pa.ExtensionArray) else array
+                while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
+                        or pa.types.is_fixed_size_list(values.type):
+                    values = values.flatten()  # flatten() honours the slice's offset
+                out[name] = values.to_numpy(zero_copy_only=False).reshape(feature.shape)
+            elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+                out[name] = np.asarray(array.flatten().to_numpy(zero_copy_only=False))
+            else:
+                out[name] = array[0].as_py()
+        return out

@@ -129,19 +129,19 @@ class MultiMNIST(torch.utils.data.Dataset):
         key = f"seed{seed}-train{num_train}-val{num_val}-size{size}-digit{digit_size}"
         self.path = cache.cache_dir(NAME, VERSION, key, root)
         self.meta = cache.ensure_built(self.path, NAME, lambda tmp: build(tmp, seed, num_train, num_val, size, digit_size))
-        self.data = cache.load_split(self.path, split).cast_column("image", _raw_image())
+        self.data = cache.Rows(cache.load_split(self.path, split), ["image", "left", "right"])
         self.mean, self.std = self.meta["mean"], self.meta["std"]
 
     def __len__(self) -> int:
-        return self.data.num_rows
+        return len(self.data)
 
     def image(self, i: int) -> Tensor:
         """Row i's composite as stored: float32 (size, size) in [0, 1], no augmentation."""
-        return torch.from_numpy(cache.png_array(self.data[i]["image"]["bytes"]).astype(np.float32) / 255.0)
+        return torch.from_numpy(cache.png_array(self.data[i]["image"]).astype(np.float32) / 255.0)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         row = self.data[i]
-        x = torch.from_numpy(cache.png_array(row["image"]["bytes"]).astype(np.float32) / 255.0)
+        x = torch.from_numpy(cache.png_array(row["image"]).astype(np.float32) / 255.0)
         if self.augment and self.max_shift > 0:
             s = self.max_shift
             dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))  # the global RNG, seeded per item by the trainer
@@ -151,10 +151,3 @@ class MultiMNIST(torch.utils.data.Dataset):
         return {"inputs": x[None].contiguous(), "left": torch.tensor(row["left"], dtype=torch.int64),
                 "right": torch.tensor(row["right"], dtype=torch.int64)}
 
-
-def _raw_image():
-    """An ``Image`` feature that hands back the PNG bytes: this module decodes them itself (to
-    numpy, with no PIL image object per item)."""
-    import datasets
-
-    return datasets.Image(decode=False)
