@@ -66,7 +66,7 @@ def test_multimnist_items_and_disjoint_source_digits(tmp_path):
     val = MultiMNIST("val", root=tmp_path, **MM)
     assert (len(train), len(val)) == (300, 60)
     item = train[5]
-    assert item["inputs"].shape == (1, 28, 28) and item["inputs"].dtype == torch.float32
+    assert item["inputs"].shape == (1, 24, 24) and item["inputs"].dtype == torch.float32
     assert item["left"].dtype == item["right"].dtype == torch.int64 and item["left"].shape == ()
     x = torch.stack([train[i]["inputs"] for i in range(100)])
     assert abs(float(x.mean())) < 0.2 and 0.7 < float(x.std()) < 1.3  # standardised by the train statistics
@@ -85,7 +85,7 @@ def test_multimnist_items_and_disjoint_source_digits(tmp_path):
     assert len(train_src) + len(val_src) == 1797 and abs(len(val_src) - 359) <= 1
     # both digits are visible: the left one's ink is top-left, the right one's bottom-right
     image = train.image(0)
-    assert image[:14, :14].sum() > 0 and image[14:, 14:].sum() > 0
+    assert image[:8, :8].sum() > 0 and image[16:, 16:].sum() > 0
 
 
 def test_multimnist_augmentation_draws_from_the_global_rng(tmp_path):
