@@ -141,12 +141,45 @@ def test_a_killed_build_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         MultiMNIST("train", root=tmp_path, **MM)
     parent = tmp_path / "multimnist-v1"
-    assert list(parent.iterdir()) == []  # neither a final directory nor a temporary one
+    left = [p.name for p in parent.iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # neither a final directory nor a temporary one
+    # a build killed harder (SIGKILL: no clean-up) leaves a temporary directory; it is never read
+    stale = parent / f".{next(parent.glob('*.lock')).name[1:-5]}.tmp-killed"
+    (stale / "train").mkdir(parents=True)
     monkeypatch.setattr(mm_mod, "build", real)
     before = cache.BUILDS["multimnist"]
     ds = MultiMNIST("train", root=tmp_path, **MM)  # the next construction builds it completely
-    assert cache.BUILDS["multimnist"] == before + 1 and len(ds) == 300
-    assert [p.name for p in parent.iterdir()] == [ds.path.name]
+    assert cache.BUILDS["multimnist"] == before + 1 and len(ds) == 300 and ds[0]["inputs"].shape == (1, 24, 24)
+    assert [p.name for p in parent.iterdir() if not p.name.endswith(".lock")] == [ds.path.name]  # stale one removed
+
+
+_BARRIER = None
+
+
+def _hold(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _construct(root: str) -> int:
+    """In a child process: wait for the others, construct, return how often ``build`` ran here."""
+    from dist_mtl.demos import multimnist as child_mm
+
+    calls, real = [], child_mm.build
+    child_mm.build = lambda *args: calls.append(1) or real(*args)
+    _BARRIER.wait()  # all three construct at the same moment, as the ranks of a run do
+    child_mm.MultiMNIST("train", root=root, **MM)
+    return len(calls)
+
+
+def test_processes_that_start_together_share_one_build(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    with context.Pool(3, initializer=_hold, initargs=(barrier,)) as pool:  # three "ranks"
+        calls = pool.map(_construct, [str(tmp_path)] * 3, chunksize=1)
+    assert sorted(calls) == [0, 0, 1]  # one built, two waited on the lock and read its build
 
 
 def test_rows_match_the_datasets_formatting(tmp_path):

@@ -7,20 +7,23 @@ build parameters, so a test's tiny build never shadows the demo's full one.
 
 Why atomic: every process of a distributed run constructs the dataset, and a build can be killed
 (preemption, Ctrl-C). The build writes into a sibling temporary directory and renames it into
-place in one ``os.rename``; a directory at the final path is therefore always complete. Two
-processes that build at once both finish and one rename wins; the loser discards its copy (the
-builds are deterministic, so both copies are the same data).
+place in one ``os.rename``; a directory at the final path is therefore always complete.
+Processes that start together (the ranks of one run) wait on a lock file ``.<key>.lock`` while
+one of them builds; where the file system cannot lock, each builds, one rename wins and the
+others discard their copies (the builds are deterministic: the copies are the same data). The
+lock holder also removes temporary directories that killed builds left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BUILDS: Counter = Counter()
@@ -48,28 +51,61 @@ def ensure_built(path: Path, name: str, build: Callable[[Path], dict]) -> dict:
 
     ``build(tmp)`` writes everything into the empty directory ``tmp`` and returns the metadata to
     store (JSON-serialisable); this function adds ``build_seconds`` and ``built_at``, writes
-    ``meta.json`` last, then renames ``tmp`` to ``path``.
+    ``meta.json`` last, then renames ``tmp`` to ``path``. Processes that need the same build at
+    once (the ranks of a run) wait on a lock file next to it while one of them builds, then read
+    that build; where the file system cannot lock, each builds and the first rename wins.
     """
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a sibling of the target: same file system, so the rename is atomic
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            start = time.perf_counter()
-            meta = build(tmp)
-            meta.update(build_seconds=round(time.perf_counter() - start, 3), built_at=time.time())
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process renamed its (identical) build into place first
-                if not meta_file.is_file():
-                    raise
-            else:
-                BUILDS[name] += 1
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _locked(path.parent / f".{path.name}.lock") as exclusive:
+            if not meta_file.is_file():  # built by another process while this one waited?
+                if exclusive:  # no one else is building: temporary directories left are from killed builds
+                    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                _build(path, name, build)
     return json.loads(meta_file.read_text())
+
+
+def _build(path: Path, name: str, build: Callable[[Path], dict]) -> None:
+    # a sibling of the target: same file system, so the rename is atomic
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        start = time.perf_counter()
+        meta = build(tmp)
+        meta.update(build_seconds=round(time.perf_counter() - start, 3), built_at=time.time())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process renamed its (identical) build into place first
+            if not (path / "meta.json").is_file():
+                raise
+        else:
+            BUILDS[name] += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created if needed; never deleted, since
+    deleting a lock file races with its next user). Yields whether the lock is held: False where
+    there is no ``fcntl`` (Windows) or the file system refuses locks (some network mounts)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_split(path: Path, split: str):
