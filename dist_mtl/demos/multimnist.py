@@ -104,9 +104,10 @@ class MultiMNIST(torch.utils.data.Dataset):
     Args:
         split: ``"train"`` or ``"val"`` (made from disjoint source digit images).
         root: the cache's base directory (default ``$DIST_MTL_CACHE``, else ``~/.cache/dist_mtl``).
-        augment: shift each training image by up to ``max_shift`` pixels (uniform, per item), with
-            ``torch``'s global RNG only: the trainer seeds it per item, so runs reproduce on any
-            number of processes. Only for the train split.
+        augment: shift each training image by up to ``max_shift`` pixels (uniform, per item),
+            drawn from ``torch``'s global RNG only and never seeded here: a trainer that seeds
+            that RNG per item (from seed, index and epoch) gets the same shifts on any number of
+            processes. Only for the train split.
         seed: the build seed (source split, digit pairs, jitter); the data is a function of it.
         num_train, num_val: composites per split.
         size: the canvas side H = W. digit_size: the side of each upscaled digit. The digits'
@@ -127,6 +128,8 @@ class MultiMNIST(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if augment and split != "train":
             raise ValueError("augment=True is for the train split only")
+        if not isinstance(max_shift, int) or max_shift < 0:
+            raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
         if not 8 <= digit_size <= size - 4:
             raise ValueError(f"digit_size must be in [8, size - 4], got {digit_size} with size {size}")
         self.split, self.augment, self.max_shift = split, augment, max_shift
@@ -148,7 +151,7 @@ class MultiMNIST(torch.utils.data.Dataset):
         x = torch.from_numpy(cache.png_array(row["image"]).astype(np.float32) / 255.0)
         if self.augment and self.max_shift > 0:
             s = self.max_shift
-            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))  # the global RNG, seeded per item by the trainer
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))  # the global RNG only: the trainer seeds it
             h, w = x.shape
             x = torch.nn.functional.pad(x, (s, s, s, s))[s - dy:s - dy + h, s - dx:s - dx + w]
         x = (x - self.mean) / self.std

@@ -256,7 +256,9 @@ class Scenes(torch.utils.data.Dataset):
         split: ``"train"`` or ``"val"`` (scenes drawn from different seeds).
         root: the cache's base directory (default ``$DIST_MTL_CACHE``, else ``~/.cache/dist_mtl``).
         augment: a random horizontal flip of every map (the normals' x component changes sign),
-            drawn from ``torch``'s global RNG only: the trainer seeds it per item. Train split only.
+            drawn from ``torch``'s global RNG only and never seeded here (a trainer that seeds it
+            per item from seed, index and epoch gets the same flips on any number of
+            processes). Train split only.
         seed: the build seed; num_train, num_val: scenes per split; size: H = W in pixels.
 
     Item: ``{"inputs": float32 (3, H, W) standardised, "segmentation": int64 (H, W) in
@@ -292,7 +294,7 @@ class Scenes(torch.utils.data.Dataset):
         seg[seg == UNLABELLED_PNG] = IGNORE_INDEX
         depth = torch.from_numpy(np.array(row["depth"], dtype=np.float32))
         normals = torch.from_numpy(np.array(row["normals"], dtype=np.float32))
-        if self.augment and bool(torch.rand(()) < 0.5):  # the global RNG, seeded per item by the trainer
+        if self.augment and bool(torch.rand(()) < 0.5):  # the global RNG only: the trainer seeds it
             image, seg, depth, normals = (t.flip(-1) for t in (image, seg, depth, normals))
             normals[0] = -normals[0]  # a mirrored surface faces the other way in x
         return {"inputs": ((image - self.mean) / self.std).contiguous(), "segmentation": seg.contiguous(),
