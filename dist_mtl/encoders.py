@@ -429,3 +429,65 @@ def _last_weight(module: nn.Module) -> nn.Parameter:
 
 
 __all__ = ["CGC", "MMoE", "build_experts", "gate_input", "mix", "run_experts"]
+
+
+# -- a small CNN for the image demos ---------------------------------------------------------------
+class ConvNet(nn.Module):
+    """A small convolutional encoder for the image demos (MultiMNIST, scenes).
+
+    One stage per entry of ``widths``: two 3×3 convolutions (the first with stride 2, except in
+    stage 0), each followed by the norm and a ReLU. ``norm="group"`` uses GroupNorm (up to 8
+    groups), never BatchNorm: GroupNorm normalises each sample on its own, so the forward does not
+    depend on how a global batch is split across processes and micro-steps (the N = 1 guarantee
+    holds without SyncBatchNorm). ``norm="none"`` has no normalisation.
+
+    Shapes, with inputs ``(B, in_channels, H, W)``:
+
+    - pooled (``features_only=False``): ``(B, widths[-1])``, the global average of the last stage;
+      ``out_dim = widths[-1]`` (so the default MLP heads fit);
+    - ``features_only=True``: a list of every stage's map ``(B, widths[i], H_i, W_i)`` with
+      ``H_0 = H`` and ``H_i = ceil(H_{i-1} / 2)``; ``out_channels = list(widths)``, for dense
+      decoders that fuse several scales.
+    """
+
+    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128), norm: str = "group",
+                 features_only: bool = False) -> None:
+        from math import gcd
+
+        super().__init__()
+        widths = list(widths)
+        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths!r}")
+        if norm not in ("group", "none"):
+            raise ValueError(f"norm must be 'group' or 'none', got {norm!r}")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        self.in_channels, self.widths, self.norm, self.features_only = in_channels, widths, norm, features_only
+        self.out_channels: list[int] = widths
+        self.out_dim: int | None = None if features_only else widths[-1]
+
+        def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            # no conv bias before a norm: GroupNorm's shift makes it redundant
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=norm == "none")]
+            if norm == "group":
+                layers.append(nn.GroupNorm(gcd(8, c_out), c_out))  # a group count that divides c_out
+            return layers + [nn.ReLU()]
+
+        stages, c_in = [], in_channels
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(*block(c_in, w, 1 if i == 0 else 2), *block(w, w, 1)))
+            c_in = w
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """``(B, C, H, W)`` → ``(B, widths[-1])``, or the list of stage maps with ``features_only``."""
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        if self.features_only:
+            return maps
+        return x.mean(dim=(2, 3))
+
+
+__all__ += ["ConvNet"]
