@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..text import TextCollator
 from . import cache
 
 NAME, VERSION = "movies", 1
@@ -212,6 +213,11 @@ class Movies(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """The loader's batch of items (``dist_mtl.demos.movies.collate``)."""
+        return collate(items)
+
     def title(self, i: int) -> str:
         """Row i's title, as in the table."""
         return self.data.dataset[i]["title"]
@@ -231,18 +237,21 @@ class Movies(torch.utils.data.Dataset):
                 "mpaa": torch.tensor(row["mpaa"], dtype=torch.int64)}
 
 
-def collate(items: list[dict]) -> dict:
-    """Batch movie items: pad ``input_ids`` with ``PAD_ID`` to the batch's longest title (the
-    ``attention_mask`` is 0 on pads) and stack the targets.
+def encoder(pooling: str = "mean", root: str | os.PathLike | None = None, seed: int = 0, vocab_size: int = 3000,
+            max_length: int = 32, num_train: int | None = None, num_val: int | None = None):
+    """The demo's text encoder: a ``dist_mtl.TransformersEncoder`` with random initial weights
+    from the tiny BERT config that the cache holds next to the tokenizer (``Movies(...).model_dir``;
+    the cache is built first if need be), so a config can name it without knowing the cache's
+    path: ``model.encoder: {class_path: dist_mtl.demos.movies.encoder, init_args: {pooling: mean}}``.
+    The other arguments are the ``Movies`` build's: give the datasets' values."""
+    from ..backbones import TransformersEncoder
 
-    Returns ``{"inputs": {"input_ids": int64 (B, L_max), "attention_mask": int64 (B, L_max)},
-    "genres": (B, 7), "year": (B,), "mpaa": (B,)}``.
-    """
-    from torch.nn.utils.rnn import pad_sequence
-    from torch.utils.data import default_collate
+    movies = Movies("train", root=root, seed=seed, vocab_size=vocab_size, max_length=max_length, num_train=num_train,
+                    num_val=num_val)
+    return TransformersEncoder(movies.model_dir, pretrained=False, pooling=pooling)
 
-    ids = pad_sequence([item["inputs"]["input_ids"] for item in items], batch_first=True, padding_value=PAD_ID)
-    mask = pad_sequence([item["inputs"]["attention_mask"] for item in items], batch_first=True, padding_value=0)
-    batch = default_collate([{k: v for k, v in item.items() if k != "inputs"} for item in items])
-    batch["inputs"] = {"input_ids": ids, "attention_mask": mask}
-    return batch
+
+collate = TextCollator(pad_id=PAD_ID)
+"""Batch movie items: ``input_ids`` padded with ``PAD_ID`` to the batch's longest title (the
+``attention_mask`` is 0 on pads), the targets stacked: ``{"inputs": {"input_ids": int64 (B, L_max),
+"attention_mask": int64 (B, L_max)}, "genres": (B, 7), "year": (B,), "mpaa": (B,)}``."""
