@@ -834,6 +834,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(1 <= mtl.tasks_per_step <= (len(cfg.tasks) if not pending else mtl.tasks_per_step), "mtl.tasks_per_step",
              f"must be between 1 and the number of tasks ({len(cfg.tasks)}), got {mtl.tasks_per_step}")
     _require(mtl.sampling_alpha >= 0, "mtl.sampling_alpha", f"must be >= 0, got {mtl.sampling_alpha}")
+    if cfg.model.sync_batchnorm and mtl.jacobian_method == "batched" and world_size > 1:
+        import torch
+
+        # CpuSyncBatchNorm all-reduces inside the forward and backward; vmap cannot batch a collective
+        _require(torch.cuda.is_available(), "mtl.jacobian_method", "batched cannot run with model.sync_batchnorm on CPU "
+                 "processes (its all-reduce cannot be vmapped); use loop (the CPU default)")
     for name in ("weighting_args", "aggregator_args"):  # free-form: their numbers are not checked by type
         _require_finite(getattr(mtl, name), f"mtl.{name}")
     modes = {mtl.backward}

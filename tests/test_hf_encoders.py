@@ -265,3 +265,14 @@ def test_a_library_block_without_its_encoder_is_refused():
         load_config({"model": {"timm": {"name": "resnet18"}}})
     with pytest.raises(ConfigError, match="model.transformers.name_or_path: is required"):
         load_config({"model": {"encoder": "transformers"}})
+
+
+def test_batched_jacobians_are_refused_with_cpu_sync_batchnorm_on_several_processes():
+    from dist_mtl import ConfigError, load_config
+
+    cfg = {"model": {"sync_batchnorm": True}, "mtl": {"backward": "jacobian", "aggregator": "mean",
+                                                       "jacobian_method": "batched"}}
+    with pytest.raises(ConfigError, match="mtl.jacobian_method: batched cannot run with model.sync_batchnorm on CPU"):
+        load_config(cfg, world_size=2)
+    load_config(cfg, world_size=1)  # one process: nothing to synchronise
+    load_config({**cfg, "mtl": {**cfg["mtl"], "jacobian_method": "loop"}}, world_size=2)
