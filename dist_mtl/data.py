@@ -759,8 +759,13 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         seed = item_seed(self.seed, index, epoch)
-        torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        torch.manual_seed(seed)
+        # A worker's RNGs serve nothing else: seed them and go on. The training process (0 workers)
+        # gets its own states back after the item. torch's CPU generator alone: torch.manual_seed
+        # would also reseed every accelerator's (80 us an item, against 1 us).
+        restore = torch.utils.data.get_worker_info() is None
+        if restore:
+            states = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
+        torch.default_generator.manual_seed(seed)
         np.random.seed(seed % (1 << 32))
         random.seed(seed)
         try:
@@ -771,9 +776,10 @@ class SeededItems(torch.utils.data.Dataset):
             return BadItem(self.source.key, index, _one_line(e) if isinstance(e, DataError)
                            else f"{type(e).__name__}: {_one_line(e)}")
         finally:
-            torch.set_rng_state(torch_state)
-            np.random.set_state(np_state)
-            random.setstate(py_state)
+            if restore:
+                torch.default_generator.set_state(states[0])
+                np.random.set_state(states[1])
+                random.setstate(states[2])
 
     def collate(self, items: list) -> LoadedBatch:
         """The ``LoadedBatch`` of a list of ``__getitem__`` results."""

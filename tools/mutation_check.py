@@ -61,6 +61,15 @@ class Mutation:
 
 
 MUTATIONS = [
+    Mutation("augmentation_unseeded", "dist_mtl/data.py",
+             "        torch.default_generator.manual_seed(seed)\n", "",
+             ("tests/test_streaming.py::test_augmented_stream_on_two_processes_with_workers_equals_one_without",),
+             "items are read without seeding torch's RNG per (seed, index, epoch): augmentation then draws "
+             "from each worker's own stream, and 2 processes no longer match 1"),
+    Mutation("normals_count_channels", "dist_mtl/tasks.py",
+             "return mask if dim is None else mask.all(dim)", "return mask if dim is None else mask.sum(dim) > 0",
+             ("tests/test_task_kinds.py::test_normals_cosine_loss_angles_and_pixel_counts",),
+             "a normals pixel with one NaN channel counts as labelled: the loss takes a NaN target"),
     Mutation("aggregator_ignored", "dist_mtl/engine/jacobian.py",
              "combined = self.aggregate(jacobian, step)", "combined = jacobian.sum(0)",
              ("tests/test_aggregation.py::test_first_update_equals_torchjd_on_a_plain_autograd_jacobian[mgda]",
@@ -75,7 +84,8 @@ MUTATIONS = [
              ("tests/test_train.py::test_bf16_autocast_trains", "tests/test_engines.py::test_bf16_cell"),
              "train.mixed_precision never reaches the Accelerator: bf16 runs train in fp32"),
     Mutation("sampler_depends_on_world_size", "dist_mtl/data.py",
-             "indices = self.global_batch(step)", "indices = self.global_batch(step * world + rank)",
+             "indices, epochs = self.global_batch_epochs(step)",
+             "indices, epochs = self.global_batch_epochs(step * world + rank)",
              ("tests/test_distributed.py::test_n_processes_give_the_parameters_of_one[2-2]",),
              "each rank walks its own stream of batches: the data of step k depends on the world size"),
     Mutation("sum_engine_ignores_grad_accum", "dist_mtl/engine/sum.py",
