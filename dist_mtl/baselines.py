@@ -42,7 +42,7 @@ def estimate_priors(loader, groups, samples: int = 4096) -> dict[str, Tensor]:
         steps = max(1, min(math.ceil(samples / sampler.batch_size), math.ceil(sampler.num_rows / sampler.batch_size)))
         names = [task.name for task in group.tasks]
         for step in range(steps):
-            for piece in loader.micro_batches(step, 0, 1, 1, names, torch.device("cpu")):
+            for piece in loader.micro_batches(step, 0, 1, 1, names, torch.device("cpu"), streamed=False):
                 for _, targets in piece:
                     for task in group.tasks:
                         part = _statistics(task, targets[task.name])

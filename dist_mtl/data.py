@@ -675,12 +675,15 @@ class StepLoader:
         self._streams.clear()
 
     def micro_batches(self, step: int, rank: int, world: int, accum: int, active: list[str],
-                      device: torch.device) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
+                      device: torch.device, streamed: bool = True) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
+        """Micro-step m's pieces ``[(inputs, {task: target}), ...]`` (one per dataset with an active
+        task), for each m. ``streamed=False`` reads in this process and leaves the streams where they
+        are (a look at other steps' data: the baselines' label prior)."""
         batches: list[list] = [[] for _ in range(accum)]
         self.skipped = []
         for g, (group, sampler) in enumerate(zip(self.groups, self.samplers)):
-            stream = self._streams.get(g)
-            if stream is not None and stream.next_step == step and stream.layout == (rank, world, accum):
+            stream = self._streams.get(g) if streamed else None
+            if stream is not None and stream.next_step == step < stream.stop and stream.layout == (rank, world, accum):
                 loaded = stream.take(accum)  # read even when no task of it trains now: the stream moves on
             elif not any(task.name in active for task in group.tasks):
                 continue  # no active task reads this dataset at this step: no forward, no loading
@@ -866,7 +869,7 @@ class _Stream:
             prefetch_factor=loading.prefetch_factor if workers else None, persistent_workers=False,
             timeout=loading.worker_timeout_s if workers else 0)
         self.iterator = iter(self.loader)
-        self.next_step, self.layout = start, layout
+        self.next_step, self.stop, self.layout = start, stop, layout
 
     def take(self, accum: int) -> list[LoadedBatch]:
         """The ``accum`` micro-batches of step ``next_step``."""

@@ -77,3 +77,31 @@ def test_normals_and_tokens_fit_their_losses():
     binary = Task("b", kind="binary")
     flags = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert _metrics(binary, flags, _prior(binary, flags))["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_the_prior_is_read_beside_a_finished_stream_and_equals_a_fresh_read():
+    """The final evaluation estimates the prior after training: its steps may run past the
+    stream's last one (a short run), and it must neither take from the stream nor move it."""
+    from stream_data import Noisy
+
+    from dist_mtl.baselines import estimate_priors
+    from dist_mtl.config import DataConfig
+    from dist_mtl.data import DatasetSource, MultiTaskData, PreparedData, StepLoader
+
+    tasks = [Task("level", kind="regression", target="level"), Task("kind", kind="classification", target="kind",
+                                                                      num_classes=2)]
+
+    def loader():
+        source = DatasetSource(Noisy(rows=96), tasks, key="data.train")
+        return StepLoader(MultiTaskData([PreparedData(source, source, tasks, [])]), 16, 5, DataConfig(num_workers=1))
+
+    trained = loader()
+    trained.start(0, 3, 0, 1, 1)  # a 3-step run on 1 process: the stream ends at step 3
+    for step in range(3):
+        trained.micro_batches(step, 0, 1, 1, ["level", "kind"], torch.device("cpu"))
+    after = estimate_priors(trained, trained.groups)  # reads steps 0..5 of the 6-step epoch
+    trained.close()
+    fresh = loader()
+    expected = estimate_priors(fresh, fresh.groups)
+    assert after.keys() == expected.keys() == {"level", "kind"}
+    assert all(torch.equal(after[k], expected[k]) for k in after)
