@@ -23,11 +23,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .errors import ConfigError, did_you_mean
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+from .errors import ConfigError, did_you_mean, error_line
 
 
 # -- timm ----------------------------------------------------------------------------------------
@@ -88,7 +84,7 @@ class TimmEncoder(nn.Module):
         try:
             self.model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, **extra)
         except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as e:  # an argument timm refuses
-            raise ConfigError(f"{key}.kwargs", f"timm.create_model({name!r}) failed: {_one_line(e)}") from None
+            raise ConfigError(f"{key}.kwargs", f"timm.create_model({name!r}) failed: {error_line(e)}") from None
         self.features_only = features_only
         if features_only:
             self.out_channels: list[int] = list(self.model.feature_info.channels())
@@ -156,7 +152,7 @@ class TransformersEncoder(nn.Module):
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:  # not on the hub, offline, or not a model directory
             raise ConfigError(f"{key}.name_or_path", f"cannot load a model config from {name_or_path!r}: "
-                              f"{_one_line(e)}") from None
+                              f"{error_line(e)}") from None
         for name, value in (config_overrides or {}).items():
             if not hasattr(config, name):
                 raise ConfigError(f"{key}.config_overrides.{name}", f"{type(config).__name__} has no attribute "
@@ -171,7 +167,7 @@ class TransformersEncoder(nn.Module):
                 self.model = build()
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}.name_or_path", f"cannot load the model from {name_or_path!r}: "
-                              f"{_one_line(e)}") from None
+                              f"{error_line(e)}") from None
         self.pooling = pooling
         self.out_dim: int = int(_hidden_size(config))
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .tasks import Task
 
-CLASS_KINDS = ("classification", "segmentation", "token_classification")  # (multilabel is a rate kind here)
+SOFTMAX_KINDS = ("classification", "segmentation", "token_classification")
 RATE_KINDS = ("binary", "multilabel")
 MEAN_KINDS = ("regression", "depth")
 
@@ -35,7 +35,7 @@ def estimate_priors(loader, groups, samples: int = 4096) -> dict[str, Tensor]:
     """Each task's label prior from the training items of the first global batches (about
     ``samples`` items per dataset, at least one batch), read in this process with the items'
     seeds, so every rank computes the same prior. ``groups``: the datasets to estimate for."""
-    stats: dict[str, list[Tensor]] = {}
+    totals: dict[str, tuple[Tensor, Tensor]] = {}
     for group in groups:
         g = loader.groups.index(group)
         sampler = loader.samplers[g]
@@ -45,37 +45,30 @@ def estimate_priors(loader, groups, samples: int = 4096) -> dict[str, Tensor]:
             for piece in loader.micro_batches(step, 0, 1, 1, names, torch.device("cpu"), streamed=False):
                 for _, targets in piece:
                     for task in group.tasks:
-                        part = _statistics(task, targets[task.name])
+                        part = label_statistics(task, targets[task.name])
                         if part is not None:
-                            stats.setdefault(task.name, []).append(part)
-    loader.skipped = []
-    priors = {}
-    for task in (t for group in groups for t in group.tasks):
-        if task.name in stats:
-            total = torch.stack(stats[task.name]).sum(0)
-            if task.kind == "multilabel":
-                half = len(total) // 2
-                priors[task.name] = total[:half] / total[half:].clamp_min(1)
-            else:
-                priors[task.name] = total[:-1] / total[-1].clamp_min(1)
-    return priors
+                            total = totals.get(task.name)
+                            totals[task.name] = part if total is None else (total[0] + part[0], total[1] + part[1])
+    return {name: sums / counts.clamp_min(1) for name, (sums, counts) in totals.items()}
 
 
-def _statistics(task: Task, target: Tensor) -> Tensor | None:
-    """Sums over the labelled elements, then their counts (one, or one per label), float64."""
-    mask = task.element_mask(target) if hasattr(task, "element_mask") else task.labelled(target)
+def label_statistics(task: Task, target: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Sums over the labelled elements of ``target`` and their counts (float64): the prior is
+    ``sums / counts``. Per class (counts: one), per label (multilabel: counts per label), or one
+    mean (a vector for normals). None for a kind without a baseline."""
+    mask = task.element_mask(target)
     count = mask.sum().double().view(1)
-    if task.kind in CLASS_KINDS and task.num_classes:
+    if task.kind in SOFTMAX_KINDS and task.num_classes:
         labels = target[mask].long()
-        return torch.cat([torch.bincount(labels, minlength=task.num_classes)[:task.num_classes].double(), count])
-    if task.kind == "multilabel":  # each label its own rate: sums, then counts per label
+        return torch.bincount(labels, minlength=task.num_classes)[:task.num_classes].double(), count
+    if task.kind == "multilabel":  # each label its own rate
         values = torch.where(mask, target, torch.zeros_like(target)).double().reshape(-1, target.shape[-1])
-        return torch.cat([values.sum(0), mask.reshape(-1, target.shape[-1]).sum(0).double()])
+        return values.sum(0), mask.reshape(-1, target.shape[-1]).sum(0).double()
     if task.kind in ("binary", *MEAN_KINDS):
-        return torch.cat([torch.where(mask, target, torch.zeros_like(target)).double().sum().view(1), count])
+        return torch.where(mask, target, torch.zeros_like(target)).double().sum().view(1), count
     if task.kind == "normals":
         vectors = torch.nan_to_num(target.double()) * mask.unsqueeze(1)
-        return torch.cat([vectors.sum((0, *range(2, target.dim()))), count])
+        return vectors.sum((0, *range(2, target.dim()))), count
     return None
 
 
@@ -85,7 +78,7 @@ def constant_output(task: Task, prior: Tensor, target: Tensor) -> Tensor:
     tokens and samples)."""
     prior = prior.float().to(target.device)
     batch = target.shape
-    if task.kind in CLASS_KINDS:
+    if task.kind in SOFTMAX_KINDS:
         logits = torch.log(prior.clamp_min(1e-12))
         if task.kind == "segmentation":
             return logits.view(1, -1, *([1] * (len(batch) - 1))).expand(batch[0], -1, *batch[1:])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, error_line
 from .tasks import IGNORE_INDEX
 from .text import TextCollator, encode_text, load_tokenizer
 
@@ -184,18 +184,17 @@ class ColumnDataset(torch.utils.data.Dataset):
 
         if type(value).__module__.startswith("PIL"):
             image = value
-            return image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR) \
-                if size is not None and image.size != (size[1], size[0]) else image
-        data = value.get("bytes") if isinstance(value, dict) else value
-        try:
-            if data is None and isinstance(value, dict) and value.get("path"):
-                image = Image.open(value["path"])
-            else:
-                image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception as e:  # PIL: UnidentifiedImageError, truncated files, OSError
-            raise DataError(f"column {column!r} row {index}: cannot decode the image ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:160]})") from None
+        else:
+            data = value.get("bytes") if isinstance(value, dict) else value
+            try:
+                if data is None and isinstance(value, dict) and value.get("path"):
+                    image = Image.open(value["path"])
+                else:
+                    image = Image.open(io.BytesIO(data))
+                image.load()
+            except Exception as e:  # PIL: UnidentifiedImageError, truncated files, OSError
+                raise DataError(f"column {column!r} row {index}: cannot decode the image "
+                                f"({error_line(e, 160)})") from None
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR)
         return image

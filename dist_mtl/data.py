@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, DataConfig, SyntheticConfig, TaskConfig
-from .errors import DataError
+from .errors import DataError, error_line
 from .tasks import IGNORE_INDEX, Task, target_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -683,9 +683,10 @@ class StepLoader:
         self.skipped = []
         for g, (group, sampler) in enumerate(zip(self.groups, self.samplers)):
             stream = self._streams.get(g) if streamed else None
+            wanted = any(task.name in active for task in group.tasks)
             if stream is not None and stream.next_step == step < stream.stop and stream.layout == (rank, world, accum):
                 loaded = stream.take(accum)  # read even when no task of it trains now: the stream moves on
-            elif not any(task.name in active for task in group.tasks):
+            elif not wanted:
                 continue  # no active task reads this dataset at this step: no forward, no loading
             elif isinstance(group.train, DatasetSource):
                 reader = SeededItems(group.train, self.seeds[g])
@@ -694,7 +695,7 @@ class StepLoader:
             else:
                 loaded = [LoadedBatch(group.train.batch(indices))
                           for indices in sampler.local_batches(step, rank, world, accum)]
-            if not any(task.name in active for task in group.tasks):
+            if not wanted:
                 continue
             for m, piece in enumerate(loaded):
                 batches[m].append(to_device(self._usable(piece, group.train), device))
@@ -704,9 +705,7 @@ class StepLoader:
         """The batch of a micro-batch's readable items; the unreadable ones are an error (exit 2)
         naming the dataset and item, or, with ``data.skip_bad_examples``, recorded in ``skipped``."""
         if loaded.bad and not self.loading.skip_bad_examples:
-            first = loaded.bad[0]
-            raise DataError(f"{first.where()}: {first.error}; fix the data, or set "
-                            "data.skip_bad_examples=true to skip such items (they are counted in the log)")
+            raise loaded.bad[0].refused()
         self.skipped.extend(loaded.bad)
         if loaded.batch is None:
             raise DataError(f"{source.key}: every item of a micro-batch is unreadable (items "
@@ -733,6 +732,11 @@ class BadItem:
 
     def where(self) -> str:
         return f"{self.key}: item {self.index}" if self.index is not None else f"{self.key}: a micro-batch"
+
+    def refused(self) -> DataError:
+        """The error (exit 2) that stops a run on this item when it is not skipped."""
+        return DataError(f"{self.where()}: {self.error}; fix the data, or set data.skip_bad_examples=true to "
+                         "skip such items (they are counted in the log)")
 
 
 @dataclass
@@ -776,8 +780,7 @@ class SeededItems(torch.utils.data.Dataset):
             self.source._check(item, index)
             return item
         except Exception as e:  # reported (or skipped) by the training process, naming the item
-            return BadItem(self.source.key, index, _one_line(e) if isinstance(e, DataError)
-                           else f"{type(e).__name__}: {_one_line(e)}")
+            return BadItem(self.source.key, index, _one_line(e) if isinstance(e, DataError) else error_line(e))
         finally:
             if restore:
                 torch.default_generator.set_state(states[0])
@@ -815,25 +818,16 @@ class _Array:
 
 def _by_value(obj):
     """``obj`` with its small tensors (``BY_VALUE_BYTES``; dtypes numpy has) wrapped as ``_Array``."""
-    if isinstance(obj, Tensor):
-        small = obj.numel() * obj.element_size() <= BY_VALUE_BYTES and obj.dtype != torch.bfloat16
-        return _Array(obj.numpy()) if small and obj.device.type == "cpu" else obj
-    if isinstance(obj, dict):
-        return {k: _by_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_by_value(v) for v in obj)
-    return obj
+    def wrap(v):
+        small = isinstance(v, Tensor) and v.numel() * v.element_size() <= BY_VALUE_BYTES and v.dtype != torch.bfloat16
+        return _Array(v.numpy()) if small and v.device.type == "cpu" else v
+
+    return map_leaves(obj, wrap)
 
 
 def _as_tensors(obj):
     """``_by_value`` undone in the training process (no copy: the tensors share the arrays' memory)."""
-    if isinstance(obj, _Array):
-        return torch.from_numpy(obj.array)
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj
+    return map_leaves(obj, lambda v: torch.from_numpy(v.array) if isinstance(v, _Array) else v)
 
 
 def _received(loaded: LoadedBatch) -> LoadedBatch:
@@ -897,18 +891,20 @@ def val_batches(source, shard: Tensor, batch_size: int, loading: DataConfig | No
         num_workers=loading.num_workers, timeout=loading.worker_timeout_s if loading.num_workers else 0)
     for loaded in map(_received, loader):
         if loaded.bad and not loading.skip_bad_examples:
-            raise DataError(f"{loaded.bad[0].where()}: {loaded.bad[0].error}; fix the data, or "
-                            "set data.skip_bad_examples=true to skip such items")
+            raise loaded.bad[0].refused()
         if loaded.batch is not None:
             yield loaded.batch
 
 
+def map_leaves(obj, fn):
+    """``fn`` applied to every value inside dicts, lists and tuples (nested), the containers rebuilt."""
+    if isinstance(obj, dict):
+        return {k: map_leaves(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_leaves(v, fn) for v in obj)
+    return fn(obj)
+
+
 def to_device(obj, device: torch.device):
     """Tensors, and dicts, lists and tuples of them, moved to ``device`` (other values as they are)."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
+    return map_leaves(obj, lambda v: v.to(device) if isinstance(v, Tensor) else v)

@@ -14,6 +14,13 @@ def did_you_mean(name: object, choices: Iterable[str], show: Callable[[str], str
     return f" (did you mean {show(close[0])}?)" if close else ""
 
 
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception on one line: whitespace collapsed, the message cut at
+    ``limit`` characters (a library's multi-line message must not break the one-line error)."""
+    text = " ".join(str(error).split())[:limit]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class UsageError(Exception):
     """Bad usage, config or input data. The CLI prints ``str(error)`` as one line and exits 2."""
 

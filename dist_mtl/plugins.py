@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, error_line
 
 SPEC_KEYS = {"class_path", "init_args"}
 
@@ -152,4 +152,4 @@ def _call(target: Any, args: dict, runtime: dict, key: str) -> Any:
     try:
         return target(**args, **runtime)
     except (TypeError, ValueError) as e:  # a wrong value for an argument: one line naming the key
-        raise ConfigError(f"{key}.init_args", f"{name}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        raise ConfigError(f"{key}.init_args", f"{name}: {error_line(e)}") from None

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, error_line
 
 IGNORE_INDEX = -100
 """The "no label" value of integer targets (as ``tasks.IGNORE_INDEX`` and torch's cross-entropy)."""
@@ -58,8 +58,7 @@ def load_tokenizer(name_or_path: str, key: str = "data.tokenizer") -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:  # not there, offline, or not a tokenizer
-        raise DataError(f"{key}: cannot load a tokenizer from {name_or_path!r}: {type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+        raise DataError(f"{key}: cannot load a tokenizer from {name_or_path!r}: {error_line(e)}") from None
 
 
 def encode_text(tokenizer: Any, text: str | tuple[str, str], max_length: int | None = None) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_
 from .aggregation import build_aggregation
 from .batchnorm import convert_cpu_sync_batchnorm, is_synchronised
 from .engine import BackwardEngine, JacobianOptions, build_engine
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, UsageError, error_line
 from .models import ENCODER_PATHS, DenseDecoder, MultiTaskModel, build_model, feature_channels, mlp
 from .tasks import CLASS_KINDS, DENSE_KINDS, Task
 from .nonfinite import NonFiniteError, NonFiniteGuard
@@ -623,7 +623,7 @@ def check_one_batch(cfg: Config, model: nn.Module | None = None, tasks: list[Tas
                 raise
             except Exception as e:  # the user's model failed on a real batch: say where, in one line
                 raise UsageError(f"model: the forward pass failed on a batch of 2 training items: "
-                                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+                                 f"{error_line(e)}") from None
             for task in group.tasks:
                 loss = task.mean_loss(outputs[task.name], targets[task.name])  # (also checks the loss's shape)
                 losses[task.name] = float(loss) if task.count(targets[task.name]) > 0 else math.nan
@@ -781,9 +781,10 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
     evaluated = [task for group in data.groups if group.val is not None for task in group.tasks]
     priors = priors or {}
     # scalars, and the fixed-shape count vectors of F1 / mIoU / mean AP (shapes from the tasks alone)
-    shapes = {(task.name, key): shape for task in evaluated for key, shape in task.sum_shapes.items()}
-    shapes.update({(BASELINE + task.name, key): shape for task in evaluated if task.name in priors
-                   for key, shape in task.sum_shapes.items()})
+    # ("eval" | "baseline", task, sum key) -> shape
+    shapes = {(source, task.name, key): shape for task in evaluated
+              for source in ("eval", "baseline") if source == "eval" or task.name in priors
+              for key, shape in task.sum_shapes.items()}
     keys = list(shapes)
     if not keys:  # no validation data (fit without val_data)
         return {}
@@ -799,11 +800,11 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
                 outputs = module(x, tasks=names)
             for task in group.tasks:
                 for key, value in task.metric_sums(outputs[task.name], targets[task.name]).items():
-                    sums[(task.name, key)] += value
+                    sums[("eval", task.name, key)] += value
                 if task.name in priors:
                     constant = constant_output(task, priors[task.name], targets[task.name])
                     for key, value in task.metric_sums(constant, targets[task.name]).items():
-                        sums[(BASELINE + task.name, key)] += value
+                        sums[("baseline", task.name, key)] += value
     module.train()
     # one collective: every sum flattened in the fixed order of ``keys``, cut back into its shape
     flat = dist.all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in keys])).cpu()
@@ -815,15 +816,11 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
         offset += size
     results: dict[str, float] = {}
     for task in evaluated:  # each metric: the mean over the task's labelled validation elements (or F1 ...)
-        for prefix, source in (("eval", task.name), ("baseline", BASELINE + task.name)):
-            task_sums = {k: v for (t, k), v in zip(keys, reduced) if t == source}
+        for source in ("eval", "baseline"):
+            task_sums = {k: v for (s, t, k), v in zip(keys, reduced) if (s, t) == (source, task.name)}
             for metric, value in (task.metrics_from_sums(task_sums) if task_sums else {}).items():
-                results[f"{prefix}/{task.name}/{metric}"] = value
+                results[f"{source}/{task.name}/{metric}"] = value
     return results
-
-
-BASELINE = "\0baseline:"
-"""``evaluate``'s key prefix of a task's constant-prediction sums (no task name can start with it)."""
 
 
 def build_optimizer(t: TrainConfig, model: MultiTaskModel) -> torch.optim.Optimizer:

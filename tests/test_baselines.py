@@ -10,16 +10,13 @@ import math
 import pytest
 import torch
 
-from dist_mtl.baselines import _statistics, constant_output
+from dist_mtl.baselines import constant_output, label_statistics
 from dist_mtl.tasks import IGNORE_INDEX, Task
 
 
 def _prior(task: Task, target: torch.Tensor) -> torch.Tensor:
-    total = _statistics(task, target)
-    if task.kind == "multilabel":
-        half = len(total) // 2
-        return total[:half] / total[half:]
-    return total[:-1] / total[-1]
+    sums, counts = label_statistics(task, target)
+    return sums / counts
 
 
 def _metrics(task: Task, target: torch.Tensor, prior: torch.Tensor) -> dict[str, float]:
