@@ -205,7 +205,7 @@ def interleaved(dist: Distributed, variants: dict, repeats: int, steps: int) -> 
 
 def peak_memory(fn) -> float:
     """MiB allocated at the peak of ``fn`` above where it started: the CUDA allocator's statistics
-    on a GPU; on CPU the profiler's record of every allocation and free, replayed in order."""
+    on a GPU; on CPU the profiler's record of every allocation and free, replayed in time order."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -217,9 +217,13 @@ def peak_memory(fn) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # Each allocation and free is its own timestamped record. (Replaying the ops' net "self" memory
+    # instead, ordered by op start, moves a free inside the autograd engine ahead of the allocation
+    # before it: it hid 8 of the 36 MiB of a sum step's real peak here, and less of per_task's.)
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
         peak = max(peak, live)
     return peak / 2**20
 

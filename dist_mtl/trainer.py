@@ -190,6 +190,14 @@ class Trainer:
             self.stop_early(done, stop, failure)  # raises
         return self.finish(started)
 
+    def note_route(self, engine: BackwardEngine) -> None:
+        """run.json's ``per_task_route`` (``route``: ``features`` or ``full``, and the ``reason`` for
+        ``full``), written once, after the first ``per_task`` step decided it (main process)."""
+        route = getattr(engine, "route", None)
+        if route is None or self.run_record is None or "per_task_route" in self.run_record.data:
+            return
+        self.run_record.update(per_task_route={"route": route, "reason": engine.route_reason})
+
     def step(self, step: int) -> None:
         """Optimizer step ``step`` in its schedule phase, with what follows it on every rank: the
         guard's events, the loss observers (vanishing losses, threshold switches) and, on a log
@@ -218,6 +226,7 @@ class Trainer:
                                   "train.find_unused_parameters=true, or freeze them (requires_grad=False)") from None
             raise
         self.log_guard_events()
+        self.note_route(engine)
         self.interval.add(time.perf_counter() - tic, result.data_seconds)
         if result.bad_items:
             self.log_skipped_items(done, result.bad_items)

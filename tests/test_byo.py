@@ -126,6 +126,9 @@ def test_partially_labelled_diamonds_on_two_processes_equal_one(partial, overrid
     one, two = run((overrides, 1), (overrides, 2))
     assert_ranks_identical(two, 2)
     assert_params_close(two, one, FP32_RTOL, overrides[0])
+    # per_task's route (one encoder backward on cut features) is recorded; other engines have none
+    route = two.json("run.json").get("per_task_route")
+    assert route == ({"route": "features", "reason": None} if overrides[0] == "mtl.backward=per_task" else None)
     # the weighting saw the same global values: the same logged weights and losses at every step
     rows1 = {m["step"]: m for m in one.metrics() if "loss/cut" in m}
     rows2 = {m["step"]: m for m in two.metrics() if "loss/cut" in m}

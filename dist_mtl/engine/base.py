@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,107 @@ def task_jacobian(terms: list[Tensor], shared: list[Tensor], batched: bool) -> T
         grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
     return torch.stack(rows)
+
+
+class SplitFeatures:
+    """Shared features cut from the encoder's graph: the heads run on ``detached`` (a copy of the
+    features whose tensors are new leaves), so each task's backward stops at the features, and
+    ``backward_encoder`` then runs the encoder's backward ONCE with the summed feature gradient.
+    By linearity, sum_t J_enc^T dL_t/dz = J_enc^T sum_t dL_t/dz: the encoder's gradient is that of
+    the summed objective up to float rounding, for one encoder backward instead of T."""
+
+    def __init__(self, features: Any) -> None:
+        self.originals: list[Tensor] = []
+        self.leaves: list[Tensor] = []
+
+        def cut(value):
+            if isinstance(value, Tensor) and value.requires_grad:
+                leaf = value.detach().requires_grad_()
+                self.originals.append(value)
+                self.leaves.append(leaf)
+                return leaf
+            return value
+
+        self.detached = _map_plain(features, cut)
+
+    @staticmethod
+    def possible(features: Any) -> str | None:
+        """None if ``features`` can be split: tensors (or other values) in plain dicts, lists and
+        tuples; else why not (a container type the heads may rely on, such as a model output class)."""
+        if type(features) in (dict, list, tuple):
+            for value in (features.values() if isinstance(features, dict) else features):
+                reason = SplitFeatures.possible(value)
+                if reason is not None:
+                    return reason
+            return None
+        if isinstance(features, (Tensor, int, float, bool, str)) or features is None:
+            return None
+        return (f"the encoder's features hold a {type(features).__name__}; the feature route splits tensors "
+                "in plain dicts, lists and tuples only")
+
+    def vjp(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        """``loss``'s gradient of ``params`` through the features (the graph is retained)."""
+        grads = torch.autograd.grad(loss, self.leaves, retain_graph=True, allow_unused=True)
+        pairs = [(o, g) for o, g in zip(self.originals, grads) if g is not None]
+        if not pairs:
+            return [None] * len(params)
+        return list(torch.autograd.grad([o for o, _ in pairs], params, grad_outputs=[g for _, g in pairs],
+                                        retain_graph=True, allow_unused=True))
+
+    def backward_encoder(self) -> None:
+        """The encoder's one backward, with the feature gradients the heads accumulated (already
+        loss-scaled under fp16: they came from scaled losses). The leaves' gradients are freed."""
+        pending: dict[Any, dict[int, Tensor]] = {}  # node -> the real gradients of its outputs
+        roots, seeds = [], []
+        for o, leaf in zip(self.originals, self.leaves):
+            if leaf.grad is None:
+                continue
+            if o.grad_fn is None:  # a leaf of the encoder: no node to hand the gradient to
+                roots.append(o), seeds.append(leaf.grad)
+            else:
+                slots = pending.setdefault(o.grad_fn, {})
+                slots[o.output_nr] = slots[o.output_nr] + leaf.grad if o.output_nr in slots else leaf.grad
+                # The backward is rooted at o.sum() * 0, whose backward is a free expand; the node's
+                # pre-hook swaps the real gradient in. Neither o nor its gradient is then held by this
+                # frame, so both are freed as soon as the encoder's backward is done with them, as in
+                # ``sum``'s backward. (Passing o and its gradient to backward holds both to the end:
+                # + 2 x z's size at the peak.)
+                # The root adds exactly 0 to o's gradient, so a feature that also feeds another
+                # feature (a pyramid's stages) keeps the gradient that reaches it through that one.
+                roots.append(o.sum() * 0.0), seeds.append(None)
+            leaf.grad = None
+        self.originals, self.leaves, self.detached = [], [], None  # the cut copy shares z's storage
+        slots = o = leaf = None  # no reference of this frame may keep a gradient or z alive
+        if not roots:
+            return
+
+        def swap(node):
+            def hook(grad_outputs):
+                real = pending.pop(node)
+                return tuple(g if i not in real else real[i] if _stand_in(g) else g + real[i]
+                             for i, g in enumerate(grad_outputs))
+            return hook
+
+        handles = [node.register_prehook(swap(node)) for node in pending]
+        try:
+            torch.autograd.backward(roots, grad_tensors=seeds)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _stand_in(grad: Tensor | None) -> bool:
+    """Whether a gradient is still the root's expanded zero (nothing else reached that output)."""
+    return grad is not None and grad.dim() > 0 and all(stride == 0 for stride in grad.stride())
+
+
+def _map_plain(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` on every value inside plain dicts, lists and tuples, the containers rebuilt."""
+    if type(obj) is dict:
+        return {k: _map_plain(v, fn) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_map_plain(v, fn) for v in obj)
+    return fn(obj)
 
 
 class BackwardEngine:
@@ -143,15 +245,22 @@ class BackwardEngine:
         return grads
 
     # -- helpers shared by the engines -----------------------------------------------------------
-    def weighted_terms(self, losses: dict[str, Tensor], step: int, accum: int) -> dict[str, Tensor]:
+    def weighted_terms(self, losses: dict[str, Tensor], step: int, accum: int,
+                       via: dict[str, "SplitFeatures"] | None = None) -> dict[str, Tensor]:
         """The weighting's terms for these losses. For GradNorm, also each task's gradient of the
         last shared layer (T backward passes through the heads and that layer only; the graph is
-        retained), accumulated for ``take_task_grads``."""
+        retained), accumulated for ``take_task_grads``. ``via``: for losses computed on detached
+        features (``per_task``'s feature route), each task's split, through which the layer is
+        reached in two hops: the loss's gradient of the detached features, then the features'
+        vector-Jacobian product with the layer."""
         if self.weighting.needs_task_grads:
             layer = self.module.last_shared_parameters(self.weighting.args.get("layer"))
             scale = self._loss_scale()
             for name, loss in losses.items():
-                grads = torch.autograd.grad(self._scaled(loss), layer, retain_graph=True, allow_unused=True)
+                if via is not None:
+                    grads = via[name].vjp(self._scaled(loss), layer)
+                else:
+                    grads = torch.autograd.grad(self._scaled(loss), layer, retain_graph=True, allow_unused=True)
                 flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, layer)])
                 flat = flat.float() / (scale * accum)
                 self._task_grads[name] = self._task_grads[name] + flat if name in self._task_grads else flat

@@ -1,30 +1,80 @@
-"""``per_task``: one forward, then one backward per task (the user's ``l1.backward(retain_graph=True);
-l2.backward()`` recipe), exact under DDP.
+"""``per_task``: one backward per task (the user's ``l1.backward(retain_graph=True); l2.backward()``
+recipe), exact under DDP, at about the cost of ``sum``.
 
-Everything runs locally (``no_sync``); the gradients, accumulated over tasks and micro-steps, are
-then averaged over ranks in ONE coalesced all-reduce: the same bytes as ``sum``. Compute: T
-backward passes through the shared encoder instead of one, and the graph is retained until the last.
+The feature route (the default): each piece's shared features z are computed once and cut from the
+encoder's graph (``SplitFeatures``). Then, task by task, its head runs on the cut copy of z and its
+backward accumulates the head's gradient and z's gradient, and the head's graph is freed. Last, ONE
+encoder backward carries the summed feature gradient. By linearity, sum_t J_enc^T dL_t/dz =
+J_enc^T sum_t dL_t/dz: the gradients are those of ``sum`` up to float rounding. Compute: T head
+backward passes and one encoder backward (``sum``: one of each). Memory: one head's graph at a time
+(``sum`` holds every head's), plus z's gradient.
+
+The full route, kept for encoders whose features the route cannot split (a model output class, an
+object holding tensors): T backward passes through the whole model, the graph retained until the
+last. ``route`` (and ``route_reason``) say which one ran; the trainer writes it to run.json.
+
+Both run locally (``no_sync``); the gradients, accumulated over tasks and micro-steps, are then
+averaged over ranks in ONE coalesced all-reduce: the same bytes as ``sum``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .base import Batch, BackwardEngine, Update
+from .base import Batch, BackwardEngine, SplitFeatures, Update
 
 
 class PerTaskEngine(BackwardEngine):
+    route: str | None = None
+    """``features`` or ``full``: the route this model takes (None before its first step)."""
+    route_reason: str | None = None
+    """Why the full route runs, if it does."""
+
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
         totals: dict[str, Tensor] = {}
         with self.local():
             for batch in micro_batches:
-                losses = self.losses(batch)
-                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
-                for i, name in enumerate(active):
-                    self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
-                self.accumulate(totals, losses, accum)
+                if self.route != "full":
+                    self.accumulate(totals, self.feature_route(step, batch, active, accum), accum)
+                if self.route == "full":  # decided at this model's first step
+                    losses = self.losses(batch)
+                    terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
+                    for i, name in enumerate(active):
+                        self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
+                    self.accumulate(totals, losses, accum)
         trained = {name: totals[name] for name in active}
         self.reduce_grads(self.trainable(active), trained)
         update(trained)
         return totals
+
+    def feature_route(self, step: int, batch: Batch, active: list[str], accum: int) -> dict[str, Tensor]:
+        """Back-propagate one micro-step piece by piece: the encoder forward, each task's head
+        forward and backward in turn, one encoder backward. Returns each task's loss (detached);
+        sets ``route`` to ``full`` (and returns nothing) if the first piece's features cannot be split."""
+        losses: dict[str, Tensor] = {}
+        for x, targets in batch:
+            names = [name for name in targets if name in self.scales]  # tasks with labels at this step
+            if not names:
+                continue
+            with self.dist.accelerator.autocast():  # the unwrapped module: the model's own autocast is not on it
+                features = self.module.encode(x)
+            reason = SplitFeatures.possible(features)
+            if reason is not None:
+                self.route, self.route_reason = "full", reason
+                return {}
+            self.route = "features"
+            split, features = SplitFeatures(features), None
+            for name in names:
+                trains = name in active
+                with self.dist.accelerator.autocast(), torch.set_grad_enabled(trains):
+                    output = self.module.heads_forward(split.detached, x, [name])[name]
+                loss = self.task_loss(name, output, targets[name])
+                losses[name] = loss.detach()
+                if trains:
+                    term = self.weighted_terms({name: loss}, step, accum, via={name: split})[name]
+                    self.backward(term / accum)  # frees this head's graph
+            output = loss = term = None  # they hold the cut copy of z (its storage) and a head's graph
+            split.backward_encoder()
+        return losses
