@@ -27,7 +27,6 @@ import json
 import random
 import sys
 import time
-import types
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from run import BATCH, HIDDEN, Ours, Setup, interleaved  # noqa: E402
 
 from dist_mtl.aggregation import build_aggregation  # noqa: E402
-from dist_mtl.compat import prepare_torchvision  # noqa: E402
+from dist_mtl.compat import prepare_libmtl  # noqa: E402
 from dist_mtl.engine.base import task_jacobian  # noqa: E402
 from dist_mtl.distributed import Distributed  # noqa: E402
 from dist_mtl.trainer import build_scheduler  # noqa: E402
@@ -63,8 +62,8 @@ SHIMS: dict[str, str] = {
                               "param.grad.data ('NoneType' object has no attribute 'data'); zeros in place "
                               "are what torch < 2.0 did",
     "device": "torch.device('cpu') (the model's device) instead of the Trainer's hard-coded 'cuda:0'",
-    "import torchvision": "dist_mtl.compat.prepare_torchvision() before `import LibMTL` (its __init__ "
-                          "imports torchvision through LibMTL/model/resnet.py)",
+    "import torchvision": "dist_mtl.compat.prepare_libmtl() before `import LibMTL`: prepare_torchvision() "
+                          "(its __init__ imports torchvision through LibMTL/model/resnet.py), then",
     "torchvision.models.utils": "a stub module in sys.modules holding torch.hub.load_state_dict_from_url: "
                                 "LibMTL/model/resnet.py imports it from torchvision.models.utils, which "
                                 "torchvision 0.13 removed; only its pretrained ResNets would call it",
@@ -140,13 +139,7 @@ def versions() -> dict[str, str]:
 
 def import_libmtl():
     """``LibMTL.weighting``, after making ``import torchvision`` work; raises ImportError if absent."""
-    prepare_torchvision()
-    import torchvision.models
-
-    if "torchvision.models.utils" not in sys.modules and not hasattr(torchvision.models, "utils"):
-        stub = types.ModuleType("torchvision.models.utils")
-        stub.load_state_dict_from_url = torch.hub.load_state_dict_from_url
-        sys.modules["torchvision.models.utils"] = stub
+    prepare_libmtl()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import LibMTL.weighting as weighting
