@@ -62,11 +62,12 @@ SHIMS: dict[str, str] = {
                               "param.grad.data ('NoneType' object has no attribute 'data'); zeros in place "
                               "are what torch < 2.0 did",
     "device": "torch.device('cpu') (the model's device) instead of the Trainer's hard-coded 'cuda:0'",
-    "import torchvision": "dist_mtl.compat.prepare_libmtl() before `import LibMTL`: prepare_torchvision() "
-                          "(its __init__ imports torchvision through LibMTL/model/resnet.py), then",
-    "torchvision.models.utils": "a stub module in sys.modules holding torch.hub.load_state_dict_from_url: "
-                                "LibMTL/model/resnet.py imports it from torchvision.models.utils, which "
-                                "torchvision 0.13 removed; only its pretrained ResNets would call it",
+    "import torchvision": "dist_mtl.compat.prepare_libmtl() runs prepare_torchvision() before `import LibMTL` "
+                          "(its __init__ imports torchvision through LibMTL/model/resnet.py)",
+    "torchvision.models.utils": "prepare_libmtl() also puts a stub module in sys.modules holding "
+                                "torch.hub.load_state_dict_from_url: LibMTL/model/resnet.py imports it from "
+                                "torchvision.models.utils, which torchvision 0.13 removed; only its pretrained "
+                                "ResNets would call it",
     "epoch / train_loss_buffer": "set by hand (the Trainer fills them per epoch): DWA at epoch 2 and GradNorm at "
                                  "epoch 1 with a fixed loss history, so every step runs the method's own path",
     "learned loss scales": "IMTL's, GradNorm's and UW's loss_scale join the model's optimizer as one more "
