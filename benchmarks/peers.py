@@ -311,7 +311,8 @@ def compare_libmtl(dist: Distributed, pair, repeats: int, steps: int) -> list[di
     peer = LibMTLStep(peer_setup, cls_name, kwargs, history, epoch)
 
     ours_label = f"{backward}+{name}" if backward == "jacobian" else f"sum+{name}"
-    random.seed(0), torch.manual_seed(0)
+    random.seed(0)  # LibMTL's random methods draw from Python's and torch's global RNGs
+    torch.manual_seed(0)
     g_ours = our_gradient(ours, batch)
     peer.backward(batch)
     g_peer = flat_grad(peer_setup.model.shared_parameters())
