@@ -10,6 +10,12 @@ not load. torchvision's Python code tolerates that everywhere except in
 fails that way, we define the two operator *schemas* (no kernels) and import again: timm's models
 never call these detection ops, and the ops themselves stay unavailable (calling
 ``torchvision.ops.nms`` still raises).
+
+``prepare_libmtl()``: LibMTL 1.1.5 (the ``bench`` extra, for ``benchmarks/peers.py``) imports
+``load_state_dict_from_url`` from ``torchvision.models.utils``, a module torchvision 0.13 removed,
+in ``LibMTL/model/resnet.py``, which its ``__init__`` imports: ``import LibMTL`` fails with
+``ModuleNotFoundError``. When, and only when, that module is missing, a stub module holding
+``torch.hub.load_state_dict_from_url`` (the function torchvision itself re-exported) takes its name.
 """
 
 from __future__ import annotations
@@ -66,3 +72,18 @@ def import_timm() -> ModuleType:
     import timm
 
     return timm
+
+
+def prepare_libmtl() -> None:
+    """Make ``import LibMTL`` (1.1.5) work on torchvision >= 0.13 (see the module docstring)."""
+    prepare_torchvision()
+    try:
+        importlib.import_module("torchvision.models.utils")
+    except ModuleNotFoundError as e:
+        if e.name != "torchvision.models.utils":  # torchvision itself is absent: LibMTL needs it anyway
+            return
+        import torch
+
+        stub = ModuleType("torchvision.models.utils")
+        stub.load_state_dict_from_url = torch.hub.load_state_dict_from_url  # type: ignore[attr-defined]
+        sys.modules["torchvision.models.utils"] = stub

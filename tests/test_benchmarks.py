@@ -54,3 +54,27 @@ def test_weighting_table_quick(tmp_path):
         assert set(results[bench]["famo"]["metrics"]) == ({"price", "cut", "color", "clarity"} if bench == "diamonds"
                                                          else {"t0", "t1", "t2", "t3"})
     assert "| famo |" in proc.stdout and "Δm vs equal" in proc.stdout
+
+
+def test_peers_quick(tmp_path):
+    """benchmarks/peers.py --quick: a step-time and a gradient row for every peer pair, the methods
+    LibMTL 1.1.5 lacks named without a figure, the shims printed; the deterministic gradient rows
+    agree (the tight figures are held by tests/test_peers.py)."""
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers.py"), "--quick", "--output", str(out)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["libmtl"] == "1.1.5" and result["quick"]
+    rows = {row["what"]: row for row in result["rows"]}
+    assert all(what.startswith("peer: ") and row["section"] == "peer" for what, row in rows.items())
+    for peer in ("LibMTL MGDA", "LibMTL IMTL", "LibMTL CAGrad", "LibMTL PCGrad", "LibMTL GradVac", "LibMTL EW",
+                 "LibMTL DWA", "LibMTL GradNorm", "LibMTL UW", "LibMTL RLW", "torchjd mtl_backward UPGrad",
+                 "torchjd mtl_backward MGDA"):
+        assert [r for w, r in rows.items() if peer in w and "step time" in w and r["ratio"] > 0], peer
+        assert [w for w in rows if w.endswith(f"{peer}, relative gradient difference")], peer
+    for what, row in rows.items():
+        if "relative gradient difference" in what and "(random)" not in row["note"]:
+            assert row["ratio"] < 1e-2, (what, row["ratio"])
+    assert rows["peer: jacobian+nashmtl / LibMTL"]["ratio"] is None
+    assert "zero_grad_share_params" in result["shims"] and "zero_grad_share_params:" in proc.stdout

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 from dist_mtl.aggregation import AGGREGATORS, EXTRAS, install_hint, make_torchjd_aggregator
-from dist_mtl.compat import prepare_torchvision
+from dist_mtl.compat import prepare_libmtl, prepare_torchvision
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRA_REQUIREMENTS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
@@ -55,6 +55,7 @@ def test_every_package_the_dev_extra_promises_is_installed_and_imports(requireme
     # As dist_mtl imports them: a CUDA torchvision wheel beside the CPU torch needs the two detection
     # op schemas defined first (dist_mtl.compat); timm imports torchvision.
     prepare_torchvision()
+    prepare_libmtl()  # LibMTL 1.1.5 imports torchvision.models.utils, gone since torchvision 0.13
     for module in _modules(requirement.name):
         importlib.import_module(module)
 
