@@ -333,6 +333,11 @@ class TrainConfig:
     at the end of training (always done, recorded in run.json)."""
     deterministic: bool = False
     """Use deterministic torch algorithms (slower on GPU; needed for bitwise resume there)."""
+    compile: bool = False
+    """Compile the encoder and each head with ``torch.compile`` (in place: parameter names, state-dict
+    keys and checkpoints are unchanged). Every backward engine works compiled; the first steps pay
+    the compilation (seconds per module on CPU). Needs a C++ compiler (inductor's: ``$CXX`` or
+    ``g++``); without one, exit 2. May change on a resume: it changes only float rounding."""
     on_nonfinite: Literal["abort", "skip"] = "abort"
     """A NaN or infinite loss or gradient on ANY rank: ``abort`` checkpoints the last good step and
     stops every rank with an error naming the task, rank and step (exit 1); ``skip`` drops that
@@ -938,6 +943,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.batch_size % shards == 0, "train.batch_size",
              f"the global batch {t.batch_size} must divide evenly by num_processes * grad_accum "
              f"= {world_size} * {t.grad_accum} = {shards}")
+    if t.compile:
+        from .compiled import missing_compiler
+
+        missing = missing_compiler()
+        _require(missing is None, "train.compile", f"needs a C++ compiler for torch.compile's CPU code, and "
+                 f"{missing} was not found; install one (apt-get install g++), set CXX, or use train.compile=false")
     if t.mixed_precision == "fp16":
         import torch
 

@@ -25,6 +25,7 @@ from .data import DatasetSource, MultiTaskData, TensorData, StepLoader, eval_sha
 from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
 from .batchnorm import convert_cpu_sync_batchnorm, is_synchronised
+from .compiled import compile_model
 from .engine import BackwardEngine, JacobianOptions, build_engine
 from .errors import ConfigError, UsageError, error_line
 from .models import ENCODER_PATHS, DenseDecoder, MultiTaskModel, build_model, feature_channels, mlp
@@ -104,6 +105,8 @@ class Trainer:
             for warning in exactness_warnings(model, cfg, dist.world_size):
                 print(f"dist-mtl: warning: {warning}", file=sys.stderr, flush=True)
         _check_free_space(dist, run_dir, cfg.train, model)
+        if cfg.train.compile:  # in place, after GradNorm's hooks above and before DDP wraps it: names unchanged
+            compile_model(model)
         # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
         # num_processes times, making the schedule depend on the world size.
         self.scheduler = build_scheduler(cfg.train, optimizer)
@@ -974,6 +977,7 @@ def _begin_attempt(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTas
         "num_machines": dist.num_machines,
         "device": str(dist.device),
         "mixed_precision": dist.accelerator.mixed_precision,  # what autocast really uses, not the request
+        "compile": cfg.train.compile,
         "versions": {"dist_mtl": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__, "python": platform.python_version()},
         "git_commit": git_commit(),
@@ -988,6 +992,7 @@ def _begin_attempt(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTas
     attempt = {"start_step": start, "end_step": start, "world_size": dist.world_size,
                "num_machines": dist.num_machines, "hosts": hosts,
                "resumed_from": facts["resumed_from"], "mixed_precision": facts["mixed_precision"],
+               "compile": cfg.train.compile,
                "changed": {key: {"old": old, "new": new} for key, (old, new) in plan.changed.items()}}
     record.begin(facts, attempt)
     return record

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +212,14 @@ class BackwardEngine:
         method = self.options.method
         return method == "batched" or (method == "auto" and self.dist.device.type == "cuda")
 
+    def eager(self, vmapped: bool = True) -> AbstractContextManager:
+        """Forwards whose graph a vmap-batched ``autograd.grad`` (``is_grads_batched``) will go
+        through run eagerly, even with ``train.compile``: inductor's compiled backward kernels take
+        real tensors, not vmap's batched ones ("Cannot access data pointer of Tensor that doesn't
+        have storage"). ``vmapped``: whether this forward's graph will be vmapped (default: yes).
+        Costs nothing when nothing is compiled."""
+        return torch.compiler.set_stance("force_eager") if vmapped else nullcontext()
+
     def probe_conflict(self, step: int, micro_batches: list[Batch], active: list[str]) -> None:
         """Opt-in diagnostics for the engines that never form per-task gradients (``log.grad_conflict``):
         T extra gradient passes and one T x shared all-reduce, at log steps only. Fills ``stats``
@@ -220,7 +228,8 @@ class BackwardEngine:
         jacobian = torch.zeros(len(active), sum(p.numel() for p in shared), device=self.dist.device)
         with self.local():
             for batch in micro_batches:
-                losses = self.losses(batch, only=active)
+                with self.eager(self.batched):
+                    losses = self.losses(batch, only=active)
                 terms = self.weighting.terms(losses, step)
                 jacobian += task_jacobian([terms[n] / len(micro_batches) for n in active], shared, self.batched)
         jacobian = self.dist.all_reduce_sum(jacobian) / self.dist.world_size  # diagnostics: not counted

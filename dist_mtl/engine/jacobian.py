@@ -37,7 +37,8 @@ class JacobianEngine(BackwardEngine):
         totals: dict[str, Tensor] = {}
         with self.local():
             for batch in micro_batches:
-                losses = self.losses(batch)
+                with self.eager(self.batched):
+                    losses = self.losses(batch)
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 rows = task_jacobian([self._scaled(terms[name] / accum) for name in active], shared, self.batched)
                 jacobian = rows if jacobian is None else jacobian.add_(rows)

@@ -41,7 +41,8 @@ class FeatureJacobianEngine(BackwardEngine):
                     if not isinstance(features, Tensor):
                         raise UsageError("mtl.jacobian_wrt: features needs an encoder that returns one tensor of "
                                          f"shared features, not a {type(features).__name__}; use jacobian_wrt: params")
-                    outputs = self.module.heads_forward(features, x, carried)
+                    with self.eager():  # the heads' graph is vmapped below; the encoder stays compiled
+                        outputs = self.module.heads_forward(features, x, carried)
                 losses = {n: self.task_loss(n, outputs[n], targets[n]) for n in carried}
                 self.accumulate(totals, losses, accum)
                 if not names:
