@@ -19,8 +19,6 @@ import torch
 
 from conftest import REPO, child_env, free_port
 
-pytestmark = pytest.mark.slow
-
 CASES = ("sum_local", "sum_local_scaled", "alternate", "jacobian_features", "jacobian_features_scaled", "jacobian",
          "jacobian_scaled", "jacobian_batched")
 
@@ -47,6 +45,7 @@ def assert_same_grads(a: list[dict], b: list[dict]) -> None:
                 assert torch.equal(ga[name], gb[name]), f"{name}: {(ga[name] - gb[name]).abs().max():.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_overlapped_gradients_equal_the_reference_reduction_bitwise(ranks, case):
     for rank in ranks:
@@ -55,6 +54,7 @@ def test_overlapped_gradients_equal_the_reference_reduction_bitwise(ranks, case)
     assert_same_grads(ranks[0]["cases"][case]["overlap"]["grads"], ranks[1]["cases"][case]["overlap"]["grads"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_overlapped_reduction_sends_the_same_bytes(ranks, case):
     for rank in ranks:
@@ -63,6 +63,7 @@ def test_overlapped_reduction_sends_the_same_bytes(ranks, case):
         assert all(b > 0 for b in cell["overlap"]["bytes"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_buckets_leave_during_backward(ranks, case):
     """The property that proves overlap: buckets launched from a gradient hook, i.e. before the final
@@ -81,6 +82,7 @@ def test_buckets_leave_during_backward(ranks, case):
         assert cell["reference"]["counts"]["buckets"] == 0  # the reference really did not overlap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["sum_local", "alternate", "jacobian_features", "jacobian"])
 def test_a_non_finite_loss_on_one_rank_poisons_every_rank(ranks, case):
     for rank in ranks:
@@ -88,6 +90,7 @@ def test_a_non_finite_loss_on_one_rank_poisons_every_rank(ranks, case):
         assert grads and all(g is None or g.isnan().all() for update in grads for g in update.values())
 
 
+@pytest.mark.slow
 def test_a_second_gradient_after_its_bucket_left_raises(ranks):
     for rank in ranks:
         assert "received another gradient after its bucket was all-reduced" in rank["twice"]
@@ -117,3 +120,74 @@ def test_on_one_process_nothing_is_hooked_or_sent():
     assert reduce.num_buckets == 0 and reduce.launched == [] and dist.grad_bytes == 0
     assert torch.equal(layer.weight.grad, expected)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unused.parameters())  # as reduce_grads does
+
+
+class Recorder:
+    """A ``Distributed`` stand-in with a "process group" of one that records each launch (the bucket's
+    size, and whether a backward pass was running): the bucketing logic, in process."""
+
+    def __init__(self) -> None:
+        self.grad_bytes, self.world_size, self.distributed = 0, 1, True
+        self.launches: list[int] = []
+
+    def start_all_reduce(self, flat):
+        self.launches.append(flat.numel())
+        self.grad_bytes += flat.numel() * flat.element_size()
+        return Done()
+
+
+class Done:
+    def wait(self) -> None:
+        pass
+
+
+def mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 2))
+
+
+def test_buckets_follow_reverse_parameter_order_and_launch_during_backward():
+    from dist_mtl.overlap import OverlappedReduce
+
+    model, dist = mlp(), Recorder()
+    params = list(model.parameters())  # w0 (32) b0 (8) w1 (64) b1 (8) w2 (16) b2 (2)
+    reduce = OverlappedReduce(dist, params, bucket_bytes=64, first_bucket_bytes=16)
+    sizes = [[reduce._value(s).numel() for s in b] for b in reduce.buckets]
+    assert sizes == [[2, 16], [8, 64], [8, 32]]  # reversed; a bucket closes once it holds its cap
+    with reduce.armed():
+        model(torch.ones(3, 4)).sum().backward()
+        assert dist.launches == [18, 72, 40] and reduce.launched_in_backward == 3
+    expected = [p.grad.clone() for p in params]
+    reduce.finish()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, expected))  # the mean over a world of one
+    assert dist.grad_bytes == sum(p.numel() for p in params) * 4
+    assert all(p._post_accumulate_grad_hooks is None or not p._post_accumulate_grad_hooks for p in params)
+
+
+def test_a_bucket_waits_for_the_ones_before_it_and_a_missing_gradient_is_sent_as_zeros():
+    from dist_mtl.overlap import OverlappedReduce
+
+    model, dist = mlp(), Recorder()
+    params = list(model.parameters())
+    model[4].bias.requires_grad_(False)  # never gets a gradient: the first bucket can only leave in finish()
+    reduce = OverlappedReduce(dist, params, bucket_bytes=64, first_bucket_bytes=16)
+    with reduce.armed():
+        model(torch.ones(3, 4)).sum().backward()
+    assert dist.launches == []  # the later buckets are complete, but the first has not left
+    reduce.finish()
+    assert dist.launches == [18, 72, 40] and reduce.launched_in_backward == 0
+    assert torch.equal(model[4].bias.grad, torch.zeros(2))
+
+
+def test_an_unarmed_backward_launches_nothing_and_poisoned_buckets_are_sent_as_nan():
+    from dist_mtl.overlap import OverlappedReduce
+
+    model, dist = mlp(), Recorder()
+    reduce = OverlappedReduce(dist, list(model.parameters()), bucket_bytes=1 << 20, poison=True)
+    model(torch.ones(3, 4)).sum().backward()  # not armed: nothing marked
+    assert dist.launches == []
+    with reduce.armed():
+        model(torch.ones(3, 4)).sum().backward()
+    reduce.finish()
+    assert dist.launches == [130] and all(p.grad.isnan().all() for p in model.parameters())  # one bucket
