@@ -41,10 +41,10 @@ from dist_mtl.weighting import build_weighting  # noqa: E402
 AGGREGATORS = ["mean", "upgrad", "pcgrad", "mgda"]
 
 
-def make_config(tasks: int, hidden: int, batch: int) -> Config:
+def make_config(tasks: int, hidden: int, batch: int, layers: int = 3) -> Config:
     cfg = Config(seed=0, data=DataConfig(source="synthetic", synthetic=SyntheticConfig(
         num_samples=8 * batch, input_dim=64, num_tasks=tasks, conflict=0.5)),
-        model=ModelConfig(hidden=[hidden, hidden, hidden]), train=TrainConfig(batch_size=batch, lr=1e-3))
+        model=ModelConfig(hidden=[hidden] * layers), train=TrainConfig(batch_size=batch, lr=1e-3))
     validate(cfg)
     return cfg
 

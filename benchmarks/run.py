@@ -77,8 +77,8 @@ class Setup:
     """One copy of the model with its optimizer and data, on this rank."""
 
     def __init__(self, dist: Distributed, tasks: int = 4, hidden: int = HIDDEN, batch: int = BATCH,
-                 ddp: bool = True) -> None:
-        self.dist, self.cfg = dist, make_config(tasks, hidden, batch)
+                 ddp: bool = True, layers: int = 3) -> None:
+        self.dist, self.cfg = dist, make_config(tasks, hidden, batch, layers)
         self.data = prepared_data(tasks, batch)
         self.loader = StepLoader(self.data, batch, self.cfg.seed)
         torch.manual_seed(0)
@@ -317,11 +317,12 @@ def run_worker(args) -> None:
 # the driver
 
 
-def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str) -> dict:
-    """Run a worker on ``nproc`` processes (one thread each on CPU) and return its result."""
+def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str, script: str = __file__) -> dict:
+    """Run a worker on ``nproc`` processes (one thread each on CPU) and return its result. ``script``
+    is the benchmark file whose ``--worker`` it is (another benchmark can reuse this launcher)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        script = [str(Path(__file__).resolve()), "--worker", worker, "--result", str(result), *extra]
+        script = [str(Path(script).resolve()), "--worker", worker, "--result", str(result), *extra]
         script += ["--quick"] if quick else []
         if nproc == 1:
             cmd = [sys.executable, *script]

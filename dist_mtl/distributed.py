@@ -160,6 +160,13 @@ class Distributed:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def start_all_reduce(self, flat: Tensor):
+        """Start a SUM all-reduce of one flat gradient buffer and return its work handle (wait on
+        it, then divide by ``world_size``): one bucket of ``OverlappedReduce``. Its bytes are
+        counted in ``grad_bytes`` like ``all_reduce_grads_``'s."""
+        self.grad_bytes += flat.numel() * flat.element_size()
+        return torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM, async_op=True)
+
     def count_ddp_traffic(self, ddp_model: nn.Module) -> None:
         """Count DDP's own gradient all-reduces in ``grad_bytes`` (a comm hook doing what DDP's
         default does: average each bucket over ranks)."""

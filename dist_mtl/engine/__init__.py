@@ -2,11 +2,14 @@
 
 | engine     | backward passes per micro-step | gradient bytes all-reduced per optimizer step |
 |------------|--------------------------------|-----------------------------------------------|
-| sum        | 1                              | all trainable parameters (DDP, overlapped)    |
+| sum        | 1                              | all trainable parameters (overlapped)         |
 | per_task   | T (retained graph)             | all trainable parameters, one collective      |
 | alternate  | T forwards and T backwards     | T x (encoder + one head), one per task step   |
 | jacobian   | T encoder + 1 head backward    | global: T x encoder + heads; local: as sum    |
 | jacobian, wrt features | 1 batched head pass + 1 | T^2 (Gramian) + all trainable parameters  |
+
+Every engine but ``per_task`` starts its gradient all-reduce during its final backward pass, in
+buckets (DDP's reducer for ``sum`` under DDP, ``dist_mtl.overlap`` otherwise).
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ backward. Here every task step has its own forward on the updated parameters.
 Only the encoder and the current task's head receive gradients, so the other heads keep
 ``grad=None`` and AdamW or momentum leave them untouched. Communication: one coalesced all-reduce
 per task step of (encoder + that head), T per optimizer step; it cannot be fewer, because each task
-step needs synchronised gradients before its update.
+step needs synchronised gradients before its update. Each starts during the task step's last
+backward, in buckets (``BackwardEngine.overlapped``).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from torch import Tensor
 
@@ -24,10 +27,13 @@ class AlternateEngine(BackwardEngine):
         totals: dict[str, Tensor] = {}
         for name in active:
             with self.local():
-                for batch in micro_batches:
+                for m, batch in enumerate(micro_batches):
                     losses = self.losses(batch, only=[name])
-                    self.backward(self.weighted_terms(losses, step, accum)[name] / accum)
                     self.accumulate(totals, losses, accum)  # the task's loss before its own update
-            self.reduce_grads(self.trainable([name]), {name: totals[name]})
+                    term = self.weighted_terms(losses, step, accum)[name] / accum
+                    # The last micro-step's backward all-reduces (encoder + head) bucket by bucket.
+                    with (self.overlapped(self.trainable([name]), {name: totals[name]})
+                          if m == accum - 1 else nullcontext()):
+                        self.backward(term)
             update({name: totals[name]}, task=name)
         return totals

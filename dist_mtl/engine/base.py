@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..aggregation import Aggregation
 from ..distributed import Distributed
 from ..nonfinite import all_finite
+from ..overlap import BUCKET_BYTES, OverlappedReduce
 from ..tasks import Task
 from ..weighting import Weighting
 
@@ -59,11 +60,21 @@ def task_jacobian(terms: list[Tensor], shared: list[Tensor], batched: bool) -> T
                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
         return torch.cat([(g if g is not None else stacked.new_zeros(len(terms), *p.shape)).reshape(len(terms), -1)
                           for g, p in zip(grads, shared)], dim=1)
-    rows = []
+    return torch.stack(list(jacobian_rows(terms, shared)))
+
+
+def jacobian_rows(terms: list[Tensor], shared: list[Tensor]) -> Iterator[Tensor]:
+    """The rows of ``task_jacobian``'s loop, one ``autograd.grad`` call each, as they are computed."""
     for term in terms:
         grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)]))
-    return torch.stack(rows)
+        yield torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)])
+
+
+class _Unarmed:
+    """What ``overlapped`` yields when overlap is off: nothing to mark."""
+
+    def mark_ready(self, k: int) -> None:
+        pass
 
 
 class SplitFeatures:
@@ -189,6 +200,14 @@ class BackwardEngine:
         """This step's multiplier of each task's per-piece loss sum (``set_counts``)."""
         self.complete: set[str] | frozenset = frozenset()
         self._task_grads: dict[str, Tensor] = {}
+        self.overlap = True
+        """Whether ``overlapped`` starts the all-reduce during backward; False: one collective after
+        it, as ``reduce_grads`` (the reference of the tests and benchmarks)."""
+        self.bucket_bytes = BUCKET_BYTES
+        """Bucket size of the all-reduces overlapped with backward (``overlapped``)."""
+        self.overlap_counts = {"buckets": 0, "in_backward": 0, "early": 0}
+        """Buckets all-reduced by ``overlapped`` so far; how many of them left during a backward pass
+        (from a hook), and before the block's end (from a hook or ``mark_ready``)."""
 
     def set_counts(self, counts: dict[str, float], accum: int, complete: set[str] | frozenset = frozenset()) -> None:
         """This step's global count C_t of labelled elements of each task (every rank, every
@@ -322,6 +341,35 @@ class BackwardEngine:
             grads.append(p.grad)
         self.poison(losses, grads)
         self.dist.all_reduce_grads_(grads)
+
+    @contextmanager
+    def overlapped(self, params: Sequence[Tensor], losses: dict[str, Tensor],
+                   tensors: Sequence[Tensor] = ()) -> Iterator[OverlappedReduce]:
+        """``reduce_grads(params, losses)``, overlapped with the backward passes inside the block:
+        put around the pass(es) that give each of ``params`` its FINAL gradient for this update
+        (the last micro-step's), and nothing else. Each bucket of gradients (reverse parameter
+        order, ``bucket_bytes``) starts its all-reduce as soon as backward has produced it; the
+        rest is reduced, and every mean is in ``.grad``, when the block exits. ``tensors`` are
+        averaged in place too, each once it is marked with ``mark_ready`` on the yielded object.
+        Same bytes and values as ``reduce_grads``; on one process it only fills missing grads with
+        zeros. ``losses`` decide the NaN poisoning before backward (``must_poison``)."""
+        if not self.overlap:  # the reference: one collective after the block
+            yield _Unarmed()
+            grads = []
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            self.poison(losses, [*tensors, *grads])
+            self.dist.all_reduce_grads_([*tensors, *grads])
+            return
+        reduce = OverlappedReduce(self.dist, params, tensors, self.bucket_bytes, poison=self.must_poison(losses))
+        with reduce.armed():
+            yield reduce
+        reduce.finish()
+        self.overlap_counts["buckets"] += len(reduce.launched)
+        self.overlap_counts["in_backward"] += reduce.launched_in_backward
+        self.overlap_counts["early"] += reduce.launched_early
 
     def must_poison(self, losses: dict[str, Tensor]) -> bool:
         """Whether this rank must make its share of the next reduction NaN: one of its own

@@ -4,9 +4,11 @@ Per micro-step, each active task's gradient of the shared (encoder) parameters i
 ``autograd.grad`` and added to a T x P matrix J; the heads get their gradients from one backward of
 the summed objective restricted to head parameters. All of it runs locally. Then:
 
-- ``jacobian_sync: global``: J and the head gradients are averaged over ranks in ONE collective
-  (T x shared + heads bytes), and every rank aggregates the same global J: N processes give the
-  result of one process on the global batch, for any aggregator.
+- ``jacobian_sync: global``: J and the head gradients are averaged over ranks (T x shared + heads
+  bytes), and every rank aggregates the same global J: N processes give the result of one process
+  on the global batch, for any aggregator. On the last micro-step the rows are reduced in buckets
+  that start as soon as they are computed, while the next rows and the heads' backward run
+  (``BackwardEngine.overlapped``; one collective when everything fits in one bucket).
 - ``jacobian_sync: local``: each rank aggregates its own J, and the aggregated shared gradient and
   the head gradients are averaged in one collective (shared + heads bytes, as ``sum``). Exact only
   for linear aggregators (mean, sum); for the others it is a cheaper approximation.
@@ -21,11 +23,13 @@ and detects inf/nan (identically on every rank, since every rank holds the same 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from ..nonfinite import all_finite
-from .base import Batch, BackwardEngine, Update, conflict_stats, task_jacobian
+from .base import Batch, BackwardEngine, Update, conflict_stats, jacobian_rows, task_jacobian
 
 
 class JacobianEngine(BackwardEngine):
@@ -35,22 +39,28 @@ class JacobianEngine(BackwardEngine):
         heads = self.module.head_parameters(active) + self.weighting.parameters(active)  # + learned weights
         jacobian: Tensor | None = None  # T x P; the first micro-step's matrix is used as is (no extra pass)
         totals: dict[str, Tensor] = {}
+        overlap = self.options.sync == "global"
         with self.local():
-            for batch in micro_batches:
+            for m, batch in enumerate(micro_batches):
                 with self.eager(self.batched):
                     losses = self.losses(batch)
-                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
-                rows = task_jacobian([self._scaled(terms[name] / accum) for name in active], shared, self.batched)
-                jacobian = rows if jacobian is None else jacobian.add_(rows)
-                torch.autograd.backward(self._scaled(sum(terms.values()) / accum), inputs=heads)
                 self.accumulate(totals, losses, accum)
+                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
+                rows = [self._scaled(terms[name] / accum) for name in active]
+                heads_objective = self._scaled(sum(terms.values()) / accum)
+                if overlap and m == accum - 1:
+                    jacobian = self._last_rows(rows, heads_objective, jacobian, shared, heads,
+                                               {name: totals[name] for name in active})
+                    continue
+                rows = task_jacobian(rows, shared, self.batched)
+                jacobian = rows if jacobian is None else jacobian.add_(rows)
+                torch.autograd.backward(heads_objective, inputs=heads)
 
         scale = self._loss_scale()
         head_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in heads]
         trained = {name: totals[name] for name in active}
-        self.poison(trained, [jacobian, *head_grads])
-        if self.options.sync == "global":
-            self.dist.all_reduce_grads_([jacobian, *head_grads])
+        if not overlap:  # local sync: this rank's share of the reduction below (global: done in _last_rows)
+            self.poison(trained, [jacobian, *head_grads])
         if scale != 1.0:  # fp16: unscale once after the reduction (each pass costs T x P memory traffic)
             jacobian /= scale
         if all_finite([jacobian, *trained.values()]):  # the same answer on every rank (global sync)
@@ -72,3 +82,27 @@ class JacobianEngine(BackwardEngine):
             offset += p.numel()
         update(trained)
         return totals
+
+    def _last_rows(self, terms: list[Tensor], heads_objective: Tensor, jacobian: Tensor | None, shared: list[Tensor],
+                   heads: list[Tensor], trained: dict[str, Tensor]) -> Tensor:
+        """The last micro-step under global sync: J's rows and the head gradients, averaged over
+        ranks in buckets that start while the rest is computed (row t's all-reduce runs during the
+        gradient passes of rows t+1.., the last rows' during the heads' backward). Same bytes and
+        values as one collective of (J, head gradients) after them."""
+        first = jacobian is None
+        if self.batched:  # one call gives every row: they can only overlap the heads' backward
+            rows = task_jacobian(terms, shared, True)
+            jacobian = rows if first else jacobian.add_(rows)
+        elif first:
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in shared])
+            jacobian = torch.empty(len(terms), sum(p.numel() for p in shared), dtype=dtype, device=self.dist.device)
+        with self.overlapped(heads, trained, tensors=list(jacobian)) as reduce:
+            if self.batched:
+                for t in range(len(terms)):
+                    reduce.mark_ready(t)
+            else:
+                for t, row in enumerate(jacobian_rows(terms, shared)):
+                    jacobian[t].copy_(row) if first else jacobian[t].add_(row)
+                    reduce.mark_ready(t)
+            torch.autograd.backward(heads_objective, inputs=heads)
+        return jacobian

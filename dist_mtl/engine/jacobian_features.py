@@ -9,13 +9,16 @@ parameter gradients (the exact ``jacobian_wrt: params``), and is far cheaper for
 Exact across ranks: the rows of the global J_Z concatenate every rank's samples, so the global
 Gramian is the sum of the ranks' Gramians. Each rank's local gradients are ``world`` times the
 global per-sample ones (local means over fewer samples), hence G = sum_r G_r / world^2. Only T x T
-numbers are all-reduced for the weights, then the gradients once, as ``sum`` does.
+numbers are all-reduced for the weights, then the gradients once, as ``sum`` does (in buckets that
+start during the final backward passes, ``BackwardEngine.overlapped``).
 
 Gradient accumulation keeps every micro-step's graph until the weights are known (they depend on
 all micro-steps): memory grows with ``grad_accum``.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -70,10 +73,12 @@ class FeatureJacobianEngine(BackwardEngine):
         for m, terms in enumerate(retained):
             last = m == len(retained) - 1
             weighted = sum(weights[index[n]] * t for n, t in terms.items())
-            # The encoder follows the weighted objective; each head follows its own task's loss.
-            self.backward(weighted, inputs=shared, retain_graph=True)
-            self.backward(sum(terms.values()), inputs=heads, retain_graph=not last)
-        self.reduce_grads(self.trainable(active), trained)
+            # Each head follows its own task's loss; the encoder follows the weighted objective. The
+            # last micro-step's passes all-reduce the gradients bucket by bucket as they go: heads
+            # first, as their buckets come first (reverse parameter order).
+            with self.overlapped(self.trainable(active), trained) if last else nullcontext():
+                self.backward(sum(terms.values()), inputs=heads, retain_graph=True)
+                self.backward(weighted, inputs=shared, retain_graph=not last)
         if self.collect_stats:
             self.stats = conflict_stats(gram, active, weights)
         update(trained)

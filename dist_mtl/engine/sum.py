@@ -4,7 +4,8 @@ Cost: one backward per micro-step, and DDP's bucketed all-reduce of all trainabl
 per optimizer step (micro-steps before the last run under ``no_sync``), overlapped with backward.
 DDP's reducer needs one forward per backward and every parameter used, so when a step has several
 forwards (per-task datasets) or trains only some tasks (schedule phases, task sampling), the step
-runs locally and the used parameters are reduced once instead: the same bytes or fewer.
+runs locally and the used parameters are reduced once instead: the same bytes or fewer, in buckets
+that start during the last backward as DDP's do (``BackwardEngine.overlapped``).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class SumEngine(BackwardEngine):
                 objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
                 if use_ddp and m == accum - 1 and self.must_poison({name: totals[name] for name in active}):
                     objective = objective * float("nan")  # DDP reduces inside backward: poison it here
-                self.backward(objective if accum == 1 else objective / accum)
+                # Local route: the last backward all-reduces its gradients bucket by bucket as it goes.
+                overlap = not use_ddp and m == accum - 1
+                with (self.overlapped(self.trainable(active), {name: totals[name] for name in active})
+                      if overlap else nullcontext()):
+                    self.backward(objective if accum == 1 else objective / accum)
         trained = {name: totals[name] for name in active}
         learned = self.weighting.parameters(active)
-        if not use_ddp:
-            self.reduce_grads(self.trainable(active), trained)
-        elif learned:  # learned weights are not in DDP's buckets: T numbers
+        if use_ddp and learned:  # learned weights are not in DDP's buckets: T numbers
             self.reduce_grads(learned, trained)
         update(trained)
         return totals
