@@ -2,7 +2,10 @@
 
     python benchmarks/run.py            # the reference table (CPU: about 5 minutes)
     python benchmarks/run.py --quick    # a smoke run: a few steps, not a measurement
-    python benchmarks/run.py --gpu      # the same on a GPU machine, plus absolute samples/s
+    python benchmarks/run.py --gpu      # the same on a GPU machine, plus absolute samples/s (with
+                                        # one GPU: the 1-process rows, saying why it skips the others)
+    python benchmarks/run.py --one-process  # only the rows that need one process
+    python benchmarks/run.py --overhead-only  # only the overhead rows (and the data row)
 
 Each measurement runs in worker processes (one, or two under torchrun with one thread each),
 which alternate the variants being compared (A B A B ...) in blocks of steps and report the median
@@ -137,7 +140,11 @@ class HandWritten:
         s = self.s
         ((x, targets),) = s.batch(i)
         outputs = s.model(x)
-        losses = [t.mean_loss(outputs[t.name], targets[t.name]) for t in s.data.tasks]
+        # What a user writes: each task's plain mean, no mask when every element is labelled (as
+        # the synthetic data is, and as our engines know from ``loader.complete``).
+        losses = [t.loss_sum(outputs[t.name], targets[t.name], masked=False) / len(targets[t.name])
+                  if t.name in s.loader.complete else t.mean_loss(outputs[t.name], targets[t.name])
+                  for t in s.data.tasks]
         if self.per_task:
             for k, loss in enumerate(losses):
                 loss.backward(retain_graph=k < len(losses) - 1)
@@ -232,7 +239,7 @@ def peak_memory(fn) -> float:
 # workers (each a separate process, or two under torchrun)
 
 
-def worker_single(dist: Distributed, quick: bool) -> dict:
+def worker_single(dist: Distributed, quick: bool, overhead_only: bool = False) -> dict:
     repeats, steps = (2, 3) if quick else (11, 30)
     out: dict = {}
     setup = Setup(dist)
@@ -243,9 +250,12 @@ def worker_single(dist: Distributed, quick: bool) -> dict:
     out["nonfinite_check_1p"] = times["ours"] / times["unchecked"]
     out["data_fraction"] = times["loader"] / times["ours"]
     out["step_ms"] = 1000 * times["ours"]
+    out["minimal_ms"] = 1000 * times["minimal"]
+    out["samples_per_s"] = BATCH / times["ours"]  # absolute figures (the GPU run prints them)
+    out["minimal_samples_per_s"] = BATCH / times["minimal"]
     out["per_task"] = {}
     batch, hidden = (256, 256) if quick else MEMORY_SHAPE
-    for tasks in (2, 4, 8):
+    for tasks in () if overhead_only else (2, 4, 8):
         variants = {"sum": Ours(Setup(dist, tasks)), "per_task": Ours(Setup(dist, tasks), "per_task")}
         t = interleaved(dist, variants, repeats, steps)
         memory = {}
@@ -258,7 +268,7 @@ def worker_single(dist: Distributed, quick: bool) -> dict:
     return out
 
 
-def worker_pair(dist: Distributed, quick: bool) -> dict:
+def worker_pair(dist: Distributed, quick: bool, overhead_only: bool = False) -> dict:
     repeats, steps = (2, 3) if quick else (11, 30)
     out: dict = {}
     ours_sum = Ours(Setup(dist))
@@ -271,6 +281,8 @@ def worker_pair(dist: Distributed, quick: bool) -> dict:
     exposed = max(times["ours"] - times["local"], 0.0)
     out["hidden_allreduce"] = min(1.0, max(0.0, 1 - exposed / times["allreduce"]))
     out["allreduce_ms"] = 1000 * times["allreduce"]
+    if overhead_only:
+        return out
     # the same per-rank batch, trained by this rank alone with no DDP: the cost of the sync
     times = interleaved(dist, {"per_task": Ours(Setup(dist), "per_task"),
                                "per_task_alone": HandWritten(Setup(dist, ddp=False), per_task=True),
@@ -303,9 +315,9 @@ def run_worker(args) -> None:
     warnings.filterwarnings("ignore")
     dist = Distributed.create()
     if args.worker == "single":
-        result = worker_single(dist, args.quick)
+        result = worker_single(dist, args.quick, args.overhead_only)
     elif args.worker == "pair":
-        result = worker_pair(dist, args.quick)
+        result = worker_pair(dist, args.quick, args.overhead_only)
     else:
         result = worker_scaling(dist, args.quick, args.global_batch)
     if dist.is_main:
@@ -347,6 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
     parser.add_argument("--gpu", action="store_true", help="on the GPUs of this machine (2 of them for the 2-process rows)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="only the rows that need one process (what --gpu does with one GPU)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the overhead rows (our step against the hand-written loop, samples/s)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -355,51 +371,68 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         run_worker(args)
         return {}
-    if args.gpu and torch.cuda.device_count() < 2:  # each of the 2 processes needs its own GPU
-        raise SystemExit(f"--gpu needs 2 CUDA devices for the 2-process rows; this machine has "
-                         f"{torch.cuda.device_count()} (benchmarks/jacobian.py --gpu runs on one)")
+    skipped = []
+    if args.gpu and torch.cuda.device_count() < 1:
+        raise SystemExit("--gpu: no CUDA device on this machine")
+    if args.gpu and torch.cuda.device_count() < 2 and not args.one_process:  # each process needs its own GPU
+        skipped.append(f"the 2-process rows (overhead, per_task sync, comm, hidden all-reduce, scaling): --gpu needs "
+                       f"2 CUDA devices for them and this machine has {torch.cuda.device_count()}")
+    elif args.one_process:
+        skipped.append("the 2-process rows (overhead, per_task sync, comm, hidden all-reduce, scaling): --one-process")
+    two = not skipped
+    for reason in skipped:
+        print(f"skipped {reason}", flush=True)
     started = time.time()
-    single = spawn(1, "single", args.quick, args.gpu)
-    pair = spawn(2, "pair", args.quick, args.gpu)
+    only = ["--overhead-only"] if args.overhead_only else []
+    single = spawn(1, "single", args.quick, args.gpu, *only)
+    pair = spawn(2, "pair", args.quick, args.gpu, *only) if two else None
     scaling: dict[int, dict[str, list[float]]] = {}
     global_batch = 512
-    for _ in range(1 if args.quick else 3):  # A B A B: the two launches alternate
-        for nproc in (1, 2):
+    for _ in range(0 if args.overhead_only else 1 if args.quick else 3):  # A B A B: the launches alternate
+        for nproc in (1, 2) if two else (1,):
             for hidden, samples in spawn(nproc, "scaling", args.quick, args.gpu,
                                          "--global-batch", str(global_batch)).items():
                 scaling.setdefault(int(hidden), {}).setdefault(str(nproc), []).append(samples)
-    subprocess.run([sys.executable, str(HERE / "jacobian.py"), "--output", args.output,
-                    *(["--quick"] if args.quick else []), *(["--gpu"] if args.gpu else [])], check=True,
-                   env={**os.environ, **({} if args.gpu else {"OMP_NUM_THREADS": "1"})})
-    jacobian = json.loads(Path(args.output).read_text())["jacobian" + ("_gpu" if args.gpu else "")]
+    jacobian: dict = {"rows": []}
+    if not args.overhead_only:
+        subprocess.run([sys.executable, str(HERE / "jacobian.py"), "--output", args.output,
+                        *(["--quick"] if args.quick else []), *(["--gpu"] if args.gpu else [])], check=True,
+                       env={**os.environ, **({} if args.gpu else {"OMP_NUM_THREADS": "1"})})
+        jacobian = json.loads(Path(args.output).read_text())["jacobian" + ("_gpu" if args.gpu else "")]
 
-    rows = [
-        ("overhead", "our sum step / minimal Accelerate loop, 1 process", single["overhead_1p"], "<= 1.03"),
-        ("overhead", "our sum step / minimal Accelerate loop, 2 processes", pair["overhead_2p"], "<= 1.03"),
-        ("overhead", "our sum step / the same without the non-finite check, 1 process", single["nonfinite_check_1p"],
-         ""),
-        ("overhead", "our sum step / the same without the non-finite check, 2 processes", pair["nonfinite_check_2p"],
-         ""),
-    ]
+    rows = [("overhead", "our sum step / minimal Accelerate loop, 1 process", single["overhead_1p"], "<= 1.03")]
+    if pair:
+        rows.append(("overhead", "our sum step / minimal Accelerate loop, 2 processes", pair["overhead_2p"], "<= 1.03"))
+    rows.append(("overhead", "our sum step / the same without the non-finite check, 1 process",
+                 single["nonfinite_check_1p"], ""))
+    if pair:
+        rows.append(("overhead", "our sum step / the same without the non-finite check, 2 processes",
+                     pair["nonfinite_check_2p"], ""))
     for tasks, r in single["per_task"].items():
         rows.append(("per_task", f"per_task / sum step time, T={tasks}", r["time_ratio"], ""))
         rows.append(("per_task", f"per_task / sum peak memory, T={tasks}", r["memory_ratio"], ""))
-    rows.append(("per_task", "our per_task on 2 processes / the same loop with no DDP (sync cost)",
-                 pair["per_task_sync"], "<= 1.05"))
-    rows.append(("per_task", "our sum on 2 processes / the same loop with no DDP (sync cost)", pair["sum_sync"], ""))
+    if pair and "per_task_sync" in pair:
+        rows.append(("per_task", "our per_task on 2 processes / the same loop with no DDP (sync cost)",
+                     pair["per_task_sync"], "<= 1.05"))
+        rows.append(("per_task", "our sum on 2 processes / the same loop with no DDP (sync cost)", pair["sum_sync"],
+                     ""))
     for row in jacobian["rows"]:
         if row["variant"] != "sum" and "batched" not in row["variant"]:
             rows.append(("jacobian", f"{row['variant']} / sum", row["vs_sum"], ""))
             if row["vs_libmtl_loop"] is not None:
                 rows.append(("jacobian", f"{row['variant']} / LibMTL-style loop", row["vs_libmtl_loop"], ""))
-    for hidden, runs in scaling.items():
+    for hidden, runs in scaling.items() if two else ():
         ratio = statistics.median(runs["2"]) / statistics.median(runs["1"])
         rows.append(("scaling", f"2 processes / 1, samples/s, hidden {hidden} (global batch {global_batch})", ratio,
                      ">= 1.6" if hidden == HIDDEN else ""))
-    for mode, ratio in pair["comm"].items():
+    for mode, ratio in pair.get("comm", {}).items() if pair else ():
         rows.append(("comm", f"all-reduced bytes / parameter bytes, {mode}", ratio, ""))
-    rows.append(("comm", "share of DDP's all-reduce time hidden behind backward (sum)", pair["hidden_allreduce"], ""))
+    if pair:
+        rows.append(("comm", "share of DDP's all-reduce time hidden behind backward (sum)", pair["hidden_allreduce"],
+                     ""))
     rows.append(("data", "loader alone / whole training step", single["data_fraction"], "<< 1"))
+    if args.overhead_only:
+        skipped.append("every row but overhead and data: --overhead-only")
 
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU ({os.cpu_count()} cores), 1 thread per process"
     print(f"dist-mtl benchmarks on {device}; MLP 64-{HIDDEN}x3, T=4, batch {BATCH} unless stated; "
@@ -407,18 +440,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'row':9s} {'what':78s} {'ratio':>7s}  target")
     for section, what, ratio, target in rows:
         print(f"{section:9s} {what:78s} {ratio:7.3f}  {target}")
-    print(f"our sum step: {single['step_ms']:.2f} ms on 1 process; one all-reduce of all gradients on 2: "
-          f"{pair['allreduce_ms']:.2f} ms; peak memory of a step (MiB, batch and hidden "
+    print(f"our sum step: {single['step_ms']:.2f} ms on 1 process ({single['samples_per_s']:.0f} samples/s; the "
+          f"hand-written loop {single['minimal_samples_per_s']:.0f}); one all-reduce of all gradients on 2: "
+          + (f"{pair['allreduce_ms']:.2f} ms" if pair else "not run") + "; peak memory of a step (MiB, batch and hidden "
           f"{(256, 256) if args.quick else MEMORY_SHAPE}): "
           + ", ".join(f"T={t} sum {r['peak_mib']['sum']:.1f} per_task {r['peak_mib']['per_task']:.1f}"
                       for t, r in single["per_task"].items()))
     if args.gpu:
         for hidden, runs in scaling.items():
-            print(f"samples/s, hidden {hidden}: 1 GPU {statistics.median(runs['1']):.0f}, "
-                  f"2 GPUs {statistics.median(runs['2']):.0f}")
+            print(f"samples/s, hidden {hidden}: 1 GPU {statistics.median(runs['1']):.0f}"
+                  + (f", 2 GPUs {statistics.median(runs['2']):.0f}" if "2" in runs else ""))
     result = {"device": device, "quick": args.quick, "torch": torch.__version__, "seconds": time.time() - started,
               "rows": [{"section": s, "what": w, "ratio": r, "target": t} for s, w, r, t in rows],
-              "single": single, "pair": pair, "scaling_samples_per_s": scaling}
+              "single": single, "pair": pair, "scaling_samples_per_s": scaling, "skipped": skipped}
     output = Path(args.output)
     existing = json.loads(output.read_text()) if output.exists() else {}
     existing["suite" + ("_gpu" if args.gpu else "")] = result

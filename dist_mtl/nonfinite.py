@@ -31,13 +31,20 @@ class NonFiniteError(RunFailed):
     """``on_nonfinite=abort`` (or too many skips in a row): the CLI prints it as one line, exit 1."""
 
 
-def all_finite(values: list[Tensor]) -> bool:
+def all_finite(values: list[Tensor], fused: bool | None = None) -> bool:
     """Whether every element of every tensor is finite: one pass over the values and one host
     sync. A plain sum is non-finite iff an element is (``inf - inf`` is NaN), short of a total
-    beyond 3e38; a norm would square its way to a false alarm from 2e19."""
+    beyond 3e38; a norm would square its way to a false alarm from 2e19. ``fused`` (default: on
+    CUDA, where it is one multi-tensor kernel instead of a kernel per tensor): the norms first,
+    and the sums only to confirm a non-finite norm, so the answer is the sums' either way."""
     if not values:
         return True
-    return bool(torch.stack([v.detach().sum() for v in values]).sum().isfinite())
+    values = [v.detach() for v in values]
+    if values[0].is_cuda if fused is None else fused:
+        if bool(torch.stack(torch._foreach_norm(values)).sum().isfinite()):
+            return True  # (a NaN or inf element makes its norm non-finite)
+    # a 0-dim value (a loss, the clip's norm) is its own sum: one op fewer each
+    return bool(torch.stack([v if v.dim() == 0 else v.sum() for v in values]).sum().isfinite())
 
 
 class NonFiniteGuard:

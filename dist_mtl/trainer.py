@@ -666,6 +666,8 @@ class TrainStep:
                  scheduler, loader: StepLoader, guard: NonFiniteGuard) -> None:
         self.cfg, self.dist, self.model, self.optimizer = cfg, dist, model, optimizer
         self.scheduler, self.loader, self.guard = scheduler, loader, guard
+        self.module = dist.accelerator.unwrap_model(model)
+        self._trained = False
 
     def __call__(self, step: int, engine: BackwardEngine, weighting: Weighting, active: list[str], *,
                  need_global_losses: bool = True, probe: bool = False) -> StepOutput:
@@ -693,7 +695,12 @@ class TrainStep:
             engine.probe_conflict(step, micro_batches, active)
         weights = weighting.weights(step)
 
-        self.model.train()
+        # Training mode: set at the first step, and again only after something put the model in
+        # eval mode (evaluation, FAMO's batch losses): ``train()`` walks every submodule, a
+        # measurable share of a small model's step.
+        if not (self._trained and self.model.training and self.module.training):
+            self.model.train()
+            self._trained = True
         skipped_before = guard.skipped
         losses = engine.run(step, micro_batches, functools.partial(self.update, step, weighting, active), active)
         scheduler.step()  # also after a skipped update: the schedule is a function of the step

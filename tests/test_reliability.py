@@ -112,6 +112,34 @@ def test_guard_names_a_gradient_overflow_and_stops_after_too_many_skips_in_a_row
         guard.allows(5, losses, bad)
 
 
+def test_the_finite_checks_fused_or_not_and_the_poison_factor():
+    """``all_finite`` answers the same with the fused norms (its CUDA path, forced here) as with the
+    sums, including a finite gradient whose squares overflow (a norm's false alarm, confirmed away
+    by the sums); ``poison_factor`` is exactly 1 for finite losses, so the gradients through it are
+    bitwise those without it, and NaN for an infinite or NaN loss, so the gradients turn NaN."""
+    import torch
+
+    from dist_mtl.engine.base import BackwardEngine
+    from dist_mtl.nonfinite import all_finite
+
+    good = [torch.randn(3, 4), torch.tensor(0.5), torch.randn(5, dtype=torch.float64)]
+    cases = [(good, True), (good + [torch.tensor([1.0, float("nan")])], False), (good + [torch.tensor(float("-inf"))],
+             False), ([torch.full((4,), 1e20)], True), ([], True)]
+    for fused in (False, True, None):
+        assert [all_finite(values, fused) for values, _ in cases] == [expected for _, expected in cases], fused
+
+    weight = torch.randn(4, requires_grad=True)
+    for losses, finite in [({"a": torch.tensor(2.0), "b": torch.tensor(-1e30)}, True),
+                           ({"a": torch.tensor(2.0), "b": torch.tensor(float("inf"))}, False),
+                           ({"a": torch.tensor(float("nan"))}, False)]:
+        factor = BackwardEngine.poison_factor(losses)
+        assert (factor.item() == 1.0) if finite else math.isnan(factor.item())
+        objective = (weight * torch.arange(4.0)).sum()
+        plain = torch.autograd.grad(objective, weight, retain_graph=True)[0]
+        poisoned = torch.autograd.grad(objective * factor, weight)[0]
+        assert torch.equal(poisoned, plain) if finite else poisoned.isnan().all()
+
+
 # -- no hangs ------------------------------------------------------------------------------------
 
 def test_a_rank_killed_or_raising_mid_step_stops_every_rank_within_60_s_naming_it(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -378,6 +380,15 @@ class BackwardEngine:
         while its gradient is finite, so the gradient alone would not tell. One host sync on
         several processes; nothing on one, where the guard sees the losses themselves."""
         return self.dist.distributed and not all_finite(list(losses.values()))
+
+    @staticmethod
+    def poison_factor(losses: dict[str, Tensor]) -> Tensor:
+        """1 if every one of this rank's ``losses`` is finite, else NaN, as a tensor and without a
+        host sync: an objective multiplied by it back-propagates bitwise the same gradients, or NaN
+        ones that a reduction inside backward (DDP's) carries to every rank (see ``must_poison``).
+        The sum of the losses is non-finite iff one is, short of a total beyond 3e38."""
+        witness = functools.reduce(operator.add, (loss.detach() for loss in losses.values()))
+        return witness * 0 + 1
 
     def poison(self, losses: dict[str, Tensor], tensors: list[Tensor]) -> None:
         """Before a reduction: fill ``tensors`` (this rank's share) with NaN if ``must_poison``."""

@@ -39,8 +39,10 @@ class SumEngine(BackwardEngine):
                 # over micro-steps (here) and ranks (DDP) gives the global-batch mean exactly.
                 terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                 objective = functools.reduce(operator.add, terms.values())  # no `0 +` op, unlike sum()
-                if use_ddp and m == accum - 1 and self.must_poison({name: totals[name] for name in active}):
-                    objective = objective * float("nan")  # DDP reduces inside backward: poison it here
+                if use_ddp and m == accum - 1 and self.dist.distributed:
+                    # DDP reduces inside backward: a non-finite loss of this rank turns the gradients
+                    # NaN on every rank (poison), through a factor of exactly 1 otherwise; no host sync
+                    objective = objective * self.poison_factor({name: totals[name] for name in active})
                 # Local route: the last backward all-reduces its gradients bucket by bucket as it goes.
                 overlap = not use_ddp and m == accum - 1
                 with (self.overlapped(self.trainable(active), {name: totals[name] for name in active})
