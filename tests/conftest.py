@@ -231,3 +231,18 @@ def pytest_make_collect_report(collector):
     """A test module that skips at import (``pytest.importorskip`` at module level)."""
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+def sgd_step_setup(tmp: Path):
+    """One process's ``(cfg, data, dist, batch)`` for in-process engine checks: TINY with SGD (no
+    momentum, lr 0.5: a wrong gradient scale shows), and global batch 0 as 2 micro-batches."""
+    from dist_mtl.config import load_config
+    from dist_mtl.data import StepLoader, prepare
+    from dist_mtl.distributed import Distributed
+
+    cfg = load_config(write_config(tmp / "c.yaml", {**TINY, "train": {**TINY["train"], "optimizer": "sgd",
+                                                                       "momentum": 0.0, "lr": 0.5}}), [], world_size=1)
+    data = prepare(cfg)
+    dist = Distributed.create()
+    batch = StepLoader(data, cfg.train.batch_size, cfg.seed).micro_batches(0, 0, 1, 2, cfg.task_names, dist.device)
+    return cfg, data, dist, batch

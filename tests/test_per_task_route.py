@@ -12,10 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, write_config
-from dist_mtl.config import load_config
-from dist_mtl.data import StepLoader, prepare
-from dist_mtl.distributed import Distributed
+from conftest import sgd_step_setup
 from dist_mtl.engine import PerTaskEngine
 from dist_mtl.engine.base import SplitFeatures
 from dist_mtl.models import MultiTaskModel, build_model
@@ -25,13 +22,7 @@ from dist_mtl.weighting import build_weighting
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("route")
-    cfg = load_config(write_config(tmp / "c.yaml", {**TINY, "train": {**TINY["train"], "optimizer": "sgd",
-                                                                       "momentum": 0.0, "lr": 0.5}}), [], world_size=1)
-    data = prepare(cfg)
-    dist = Distributed.create()
-    batch = StepLoader(data, cfg.train.batch_size, cfg.seed).micro_batches(0, 0, 1, 2, cfg.task_names, dist.device)
-    return cfg, data, dist, batch
+    return sgd_step_setup(tmp_path_factory.mktemp("route"))
 
 
 class Boxed:
