@@ -332,17 +332,17 @@ class BackwardEngine:
         parameters for them (uncertainty, learnable), in a fixed order."""
         return self.module.shared_parameters() + self.module.head_parameters(active) + self.weighting.parameters(active)
 
-    def reduce_grads(self, params: list[nn.Parameter], losses: dict[str, Tensor]) -> None:
-        """One coalesced all-reduce (mean over ranks) of these parameters' gradients. A parameter
-        that got no gradient on this step contributes zeros so every rank sends the same layout.
-        ``losses`` are this rank's losses behind them (see ``poison``)."""
+    def reduce_grads(self, params: Sequence[Tensor], losses: dict[str, Tensor], tensors: Sequence[Tensor] = ()) -> None:
+        """One coalesced all-reduce (mean over ranks) of ``tensors`` and these parameters'
+        gradients, in place. A parameter that got no gradient on this step contributes zeros so
+        every rank sends the same layout. ``losses`` are this rank's losses behind them (see ``poison``)."""
         grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        self.poison(losses, grads)
-        self.dist.all_reduce_grads_(grads)
+        self.poison(losses, [*tensors, *grads])
+        self.dist.all_reduce_grads_([*tensors, *grads])
 
     @contextmanager
     def overlapped(self, params: Sequence[Tensor], losses: dict[str, Tensor],
@@ -357,13 +357,7 @@ class BackwardEngine:
         zeros. ``losses`` decide the NaN poisoning before backward (``must_poison``)."""
         if not self.overlap:  # the reference: one collective after the block
             yield _Unarmed()
-            grads = []
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            self.poison(losses, [*tensors, *grads])
-            self.dist.all_reduce_grads_([*tensors, *grads])
+            self.reduce_grads(params, losses, tensors)
             return
         reduce = OverlappedReduce(self.dist, params, tensors, self.bucket_bytes, poison=self.must_poison(losses))
         with reduce.armed():
