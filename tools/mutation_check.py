@@ -61,6 +61,11 @@ class Mutation:
 
 
 MUTATIONS = [
+    Mutation("per_task_pyramid_gradient_dropped", "dist_mtl/engine/base.py",
+             "real[i] if _stand_in(g) else g + real[i]", "real[i]",
+             ("tests/test_per_task_route.py::test_a_feature_that_feeds_another_feature_keeps_both_gradients",),
+             "per_task's encoder backward replaces a feature's gradient by the heads' instead of adding it: a "
+             "feature map that also feeds a later one (a pyramid) loses the gradient coming through that one"),
     Mutation("augmentation_unseeded", "dist_mtl/data.py",
              "        torch.default_generator.manual_seed(seed)\n", "",
              ("tests/test_streaming.py::test_augmented_stream_on_two_processes_with_workers_equals_one_without",),
