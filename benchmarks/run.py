@@ -20,8 +20,14 @@ block. Rows:
 4. scaling     samples/s of 2 processes against 1 on a fixed global batch, for three model sizes.
 5. comm        gradient bytes all-reduced per optimizer step / trainable-parameter bytes, per mode.
 6. data        the loader alone against a whole training step.
+7. overlap     ``benchmarks/overlap.py``: the share of each engine's all-reduce hidden behind backward,
+               and the overlapped step against one collective after backward (2 processes).
+8. compile     ``benchmarks/compile.py``: ``train.compile`` against eager, per engine (1 process).
+9. peer        ``benchmarks/peers.py``: our step time / LibMTL's and torchjd's own, and the relative
+               difference of the combined gradient on the same batch (1 process).
 Also the fraction of DDP's all-reduce time hidden behind backward (2 processes).
-Writes ``benchmarks/results.json`` ("suite", next to jacobian.py's "jacobian").
+Writes ``benchmarks/results.json`` ("suite", next to jacobian.py's "jacobian"); ``--skip`` leaves
+out a section that has its own script (each also runs alone).
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ from dist_mtl.weighting import build_weighting  # noqa: E402
 HIDDEN, BATCH = 256, 256
 MEMORY_SHAPE = (2048, 1024)  # batch, hidden of the peak-memory rows
 SCALING_SIZES = [64, 256, 1024]
+OWN_SCRIPT = {"overlap": "overlap.py", "compile": "compile.py", "peer": "peers.py"}
+"""The sections measured by a script of their own, which ``main`` runs and folds into the table."""
 COMM_MODES = {"sum": ("sum", None, "global", "params"), "per_task": ("per_task", None, "global", "params"),
               "alternate": ("alternate", None, "global", "params"),
               "jacobian+upgrad (global)": ("jacobian", "upgrad", "global", "params"),
@@ -355,6 +363,43 @@ def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str, script: 
         return json.loads(result.read_text())
 
 
+def own_sections(args: argparse.Namespace, two: bool, skipped: list[str]) -> dict[str, dict]:
+    """Run the sections that have a script of their own (``OWN_SCRIPT``) and return each one's
+    result (``{"rows": [{"section", "what", "ratio", "target", ...}], ...}``). Under ``--gpu`` they
+    are left out, saying why: overlap needs 2 processes on CPU here and compile and peer are CPU
+    measurements; a section named by ``--skip`` or left out by ``--overhead-only`` likewise."""
+    if args.overhead_only:  # said once, by main
+        return {}
+    wanted = [name for name in OWN_SCRIPT if name not in args.skip]
+    skipped += [f"the {name} rows: --skip {name} (python benchmarks/{OWN_SCRIPT[name]} runs them alone)"
+                for name in sorted(set(args.skip))]
+    if args.gpu:
+        skipped += [f"the {name} rows: CPU measurements (python benchmarks/{OWN_SCRIPT[name]} on CPU)" for name in wanted]
+        return {}
+    if not two and "overlap" in wanted:
+        wanted.remove("overlap")
+        skipped.append("the overlap rows: they need 2 processes")
+    sections = {}
+    if "overlap" in wanted:
+        from overlap import overlap_rows
+
+        sections["overlap"] = overlap_rows(args.quick)
+    if "compile" in wanted:
+        from compile import compile_rows
+
+        sections["compile"] = compile_rows(args.quick)
+    if "peer" in wanted:  # its own process: LibMTL's imports and the 1-thread setting stay out of this one
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "peers.json"
+            proc = subprocess.run([sys.executable, str(HERE / "peers.py"), "--output", str(out),
+                                   *(["--quick"] if args.quick else [])], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                raise SystemExit(f"benchmarks/peers.py failed:\n{proc.stderr[-4000:]}")
+            sections["peer"] = json.loads(out.read_text())
+    return sections
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
@@ -363,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the rows that need one process (what --gpu does with one GPU)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead rows (our step against the hand-written loop, samples/s)")
+    parser.add_argument("--skip", action="append", default=[], choices=sorted(OWN_SCRIPT),
+                        help="leave out a section that has its own script (repeatable)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -431,6 +478,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(("comm", "share of DDP's all-reduce time hidden behind backward (sum)", pair["hidden_allreduce"],
                      ""))
     rows.append(("data", "loader alone / whole training step", single["data_fraction"], "<< 1"))
+    sections = own_sections(args, two, skipped)
+    for section in sections.values():
+        rows += [(r["section"], r["what"], r["ratio"], r["target"]) for r in section["rows"]]
     if args.overhead_only:
         skipped.append("every row but overhead and data: --overhead-only")
 
@@ -439,7 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"medians of interleaved blocks{'  (QUICK: not a measurement)' if args.quick else ''}")
     print(f"{'row':9s} {'what':78s} {'ratio':>7s}  target")
     for section, what, ratio, target in rows:
-        print(f"{section:9s} {what:78s} {ratio:7.3f}  {target}")
+        # n/a: a peer LibMTL does not ship, or a random method; small differences in e-notation
+        shown = "    n/a" if ratio is None else f"{ratio:7.1e}" if 0 < abs(ratio) < 1e-2 else f"{ratio:7.3f}"
+        print(f"{section:9s} {what:78s} {shown}  {target}")
     print(f"our sum step: {single['step_ms']:.2f} ms on 1 process ({single['samples_per_s']:.0f} samples/s; the "
           f"hand-written loop {single['minimal_samples_per_s']:.0f}); one all-reduce of all gradients on 2: "
           + (f"{pair['allreduce_ms']:.2f} ms" if pair else "not run") + "; peak memory of a step (MiB, batch and hidden "
@@ -452,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
                   + (f", 2 GPUs {statistics.median(runs['2']):.0f}" if "2" in runs else ""))
     result = {"device": device, "quick": args.quick, "torch": torch.__version__, "seconds": time.time() - started,
               "rows": [{"section": s, "what": w, "ratio": r, "target": t} for s, w, r, t in rows],
-              "single": single, "pair": pair, "scaling_samples_per_s": scaling, "skipped": skipped}
+              "single": single, "pair": pair, "scaling_samples_per_s": scaling, "skipped": skipped,
+              **{f"{name}_detail": section for name, section in sections.items()}}
     output = Path(args.output)
     existing = json.loads(output.read_text()) if output.exists() else {}
     existing["suite" + ("_gpu" if args.gpu else "")] = result

@@ -14,18 +14,26 @@ pytestmark = pytest.mark.slow
 
 
 def test_benchmark_suite_quick(tmp_path):
-    """benchmarks/run.py --quick (which also runs benchmarks/jacobian.py --quick): every row is
-    there, and the communication rows, which are counts rather than timings, are exactly what the
-    engines promise (T=4, the MLP 64-256x3 with heads 256->1)."""
+    """benchmarks/run.py --quick (which also runs jacobian.py, overlap.py and peers.py --quick; compile.py
+    is skipped here, it compiles for a minute): every row is there, and the communication rows,
+    which are counts rather than timings, are exactly what the engines promise (T=4, the MLP
+    64-256x3 with heads 256->1)."""
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--output", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--skip", "compile",
+                           "--output", str(out)],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     rows = {row["what"]: row["ratio"] for row in results["suite"]["rows"]}
     assert {row["section"] for row in results["suite"]["rows"]} == {"overhead", "per_task", "jacobian", "scaling",
-                                                                      "comm", "data"}
-    assert all(ratio > 0 for what, ratio in rows.items() if "hidden behind" not in what)
+                                                                      "comm", "data", "overlap", "peer"}
+    assert any("--skip compile" in reason for reason in results["suite"]["skipped"])
+    assert all(ratio > 0 for what, ratio in rows.items()
+               if "hidden" not in what and "difference" not in what and ratio is not None)
+    overlap = {row["what"] for row in results["suite"]["rows"] if row["section"] == "overlap"}
+    for engine in ("sum (local route)", "per_task", "alternate", "jacobian+upgrad", "jacobian+upgrad (features)"):
+        assert f"hidden share of the all-reduce, {engine}" in overlap, engine
+        assert f"step time, overlapped / one all-reduce after backward, {engine}" in overlap, engine
     encoder = 64 * 256 + 256 + 2 * (256 * 256 + 256)
     head = 256 + 1
     exact = {"sum": 1.0, "per_task": 1.0, "jacobian+upgrad (local)": 1.0,
