@@ -31,6 +31,11 @@ How, and why it is safe:
 - Non-finite losses: whether this rank must poison its share (``BackwardEngine.must_poison``) is
   decided from the losses BEFORE the armed backward (they are known by then), and each bucket's
   buffer is filled with NaN before it is launched, so every rank sees NaN and skips together.
+  An engine whose last losses are computed inside the armed block (``per_task``: a head's forward
+  follows the previous head's backward) passes ``poison`` as a function instead: the LAST bucket
+  is then held back to ``finish``, which asks the function and poisons that bucket. One poisoned
+  bucket is enough: the non-finite guard checks every reduced value. The held bucket holds the
+  parameters whose gradients backward produces last, so little overlap is lost.
 - A parameter that receives a second gradient after its bucket was launched would be reduced
   without it: that raises instead (arm only around each parameter's final accumulation).
 
@@ -45,7 +50,7 @@ has no gradient a zero one, as ``reduce_grads`` does.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -64,12 +69,15 @@ class OverlappedReduce:
     """One update's averaging over ranks of ``params``' gradients (and of ``tensors``), in buckets
     launched during backward. Use ``armed()`` around the final backward pass(es), then ``finish()``.
 
-    ``poison``: fill this rank's share with NaN (``BackwardEngine.must_poison``)."""
+    ``poison``: fill this rank's share with NaN (``BackwardEngine.must_poison``); or a function
+    asked at ``finish``, the last bucket held back until then (see the module docstring)."""
 
     def __init__(self, dist: Distributed, params: Sequence[Tensor], tensors: Sequence[Tensor] = (),
                  bucket_bytes: int = BUCKET_BYTES, first_bucket_bytes: int = FIRST_BUCKET_BYTES,
-                 poison: bool = False) -> None:
+                 poison: bool | Callable[[], bool] = False) -> None:
         self.dist, self.poison = dist, poison
+        self.held = 0 if isinstance(poison, bool) else 1
+        """Buckets kept for ``finish`` (the last one, while the poisoning is undecided)."""
         self.params, self.tensors = list(params), list(tensors)
         self.active = dist.distributed and bool(self.params or self.tensors)
         # Slots in launch order: the plain tensors as given, then the parameters in reverse order.
@@ -141,7 +149,7 @@ class OverlappedReduce:
             return  # accumulated again before its bucket left: the buffer is taken at launch
         self.ready[s] = True
         self.missing[b] -= 1
-        while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
+        while len(self.launched) < len(self.buckets) - self.held and self.missing[len(self.launched)] == 0:
             self._launch(len(self.launched))
 
     # -- communication ---------------------------------------------------------------------------
@@ -158,7 +166,7 @@ class OverlappedReduce:
             else:
                 values.append(self.tensors[i])
         flat = torch.cat([v.reshape(-1) for v in values]).to(self.dtype)
-        if self.poison:
+        if self.poison is True:
             flat.fill_(float("nan"))
         self.launched.append((flat, self.dist.start_all_reduce(flat)))
         self.launched_in_backward += self._in_hook
@@ -174,6 +182,8 @@ class OverlappedReduce:
                     p.grad = torch.zeros_like(p)
             return
         self._finishing = True
+        if self.held:  # every loss is known now: decide, and let the held bucket carry it
+            self.poison, self.held = bool(self.poison()), 0
         while len(self.launched) < len(self.buckets):
             self._launch(len(self.launched))
         for b, (flat, work) in enumerate(self.launched):

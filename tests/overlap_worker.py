@@ -39,6 +39,8 @@ CASES = {
     "sum_local": ("sum", None, JacobianOptions(), ["t0", "t1"], None),  # a subset of tasks: the local route
     "sum_local_scaled": ("sum", None, JacobianOptions(), ["t0", "t2"], 1024.0),
     "alternate": ("alternate", None, JacobianOptions(), None, None),
+    "per_task": ("per_task", None, JacobianOptions(), None, None),  # the feature route
+    "per_task_subset_scaled": ("per_task", None, JacobianOptions(), ["t1", "t2"], 1024.0),
     "jacobian_features": ("jacobian", "upgrad", JacobianOptions(wrt="features"), None, None),
     "jacobian_features_scaled": ("jacobian", "upgrad", JacobianOptions(wrt="features"), None, 1024.0),
     "jacobian": ("jacobian", "upgrad", JacobianOptions(), None, None),
@@ -112,7 +114,7 @@ def main() -> None:
     for case in CASES:
         result["cases"][case] = {"overlap": one_step(dist, cfg, data, case, True),
                                  "reference": one_step(dist, cfg, data, case, False)}
-    for case in ("sum_local", "alternate", "jacobian_features", "jacobian"):
+    for case in ("sum_local", "alternate", "per_task", "jacobian_features", "jacobian"):
         result["poisoned"][case] = one_step(dist, cfg, data, case, True, poison_rank=1)
     result["twice"] = twice_accumulated(dist)
     torch.save(result, out / f"rank{dist.rank}.pt")

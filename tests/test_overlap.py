@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, child_env, free_port
 
-CASES = ("sum_local", "sum_local_scaled", "alternate", "jacobian_features", "jacobian_features_scaled", "jacobian",
+CASES = ("sum_local", "sum_local_scaled", "alternate", "per_task", "per_task_subset_scaled", "jacobian_features", "jacobian_features_scaled", "jacobian",
          "jacobian_scaled", "jacobian_batched")
 
 
@@ -87,6 +87,20 @@ def test_a_non_finite_loss_on_one_rank_poisons_every_rank(ranks, case):
     for rank in ranks:
         grads = rank["poisoned"][case]["grads"]
         assert grads and all(g is None or g.isnan().all() for update in grads for g in update.values())
+
+
+@pytest.mark.slow
+def test_per_task_poisons_the_held_last_bucket_on_every_rank(ranks):
+    """per_task computes its last losses while its buckets already leave, so it poisons the bucket it
+    holds back to the end (the encoder's first layer): every rank sees the same NaN, which the
+    non-finite guard (it checks every reduced value) turns into a skip on every rank."""
+    found = []
+    for rank in ranks:
+        [update] = rank["poisoned"]["per_task"]["grads"]
+        assert update["encoder.net.0.weight"].isnan().all()
+        found.append({name: g.isnan() for name, g in update.items() if g is not None})
+    assert found[0].keys() == found[1].keys()
+    assert all(torch.equal(found[0][name], found[1][name]) for name in found[0])
 
 
 @pytest.mark.slow

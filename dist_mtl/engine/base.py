@@ -345,7 +345,7 @@ class BackwardEngine:
         self.dist.all_reduce_grads_([*tensors, *grads])
 
     @contextmanager
-    def overlapped(self, params: Sequence[Tensor], losses: dict[str, Tensor],
+    def overlapped(self, params: Sequence[Tensor], losses: dict[str, Tensor] | Callable[[], dict[str, Tensor]],
                    tensors: Sequence[Tensor] = ()) -> Iterator[OverlappedReduce]:
         """``reduce_grads(params, losses)``, overlapped with the backward passes inside the block:
         put around the pass(es) that give each of ``params`` its FINAL gradient for this update
@@ -354,12 +354,15 @@ class BackwardEngine:
         rest is reduced, and every mean is in ``.grad``, when the block exits. ``tensors`` are
         averaged in place too, each once it is marked with ``mark_ready`` on the yielded object.
         Same bytes and values as ``reduce_grads``; on one process it only fills missing grads with
-        zeros. ``losses`` decide the NaN poisoning before backward (``must_poison``)."""
+        zeros. ``losses`` decide the NaN poisoning (``must_poison``): before backward, or, given
+        as a function, when the block exits (some losses are computed inside it; the last bucket
+        then waits for the exit, see ``OverlappedReduce``)."""
         if not self.overlap:  # the reference: one collective after the block
             yield _Unarmed()
-            self.reduce_grads(params, losses, tensors)
+            self.reduce_grads(params, losses() if callable(losses) else losses, tensors)
             return
-        reduce = OverlappedReduce(self.dist, params, tensors, self.bucket_bytes, poison=self.must_poison(losses))
+        poison = (lambda: self.must_poison(losses())) if callable(losses) else self.must_poison(losses)
+        reduce = OverlappedReduce(self.dist, params, tensors, self.bucket_bytes, poison=poison)
         with reduce.armed():
             yield reduce
         reduce.finish()

@@ -14,10 +14,16 @@ object holding tensors): T backward passes through the whole model, the graph re
 last. ``route`` (and ``route_reason``) say which one ran; the trainer writes it to run.json.
 
 Both run locally (``no_sync``); the gradients, accumulated over tasks and micro-steps, are then
-averaged over ranks in ONE coalesced all-reduce: the same bytes as ``sum``.
+averaged over ranks in ONE all-reduce: the same bytes as ``sum``. On the feature route it runs in
+buckets that start during the last micro-step's last piece (its heads' and then its encoder's
+backward), as DDP's do (``BackwardEngine.overlapped``); the full route reduces after its last
+backward, since every one of its T passes adds to the encoder's gradients.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -34,10 +40,19 @@ class PerTaskEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum = len(micro_batches)
         totals: dict[str, Tensor] = {}
+        reduced = False
+
+        def final(losses: Callable[[], dict]) -> AbstractContextManager:
+            nonlocal reduced  # the reduction then happens inside the feature route's last piece
+            reduced = True
+            return self.overlapped(self.trainable(active), losses)
+
         with self.local():
-            for batch in micro_batches:
+            for m, batch in enumerate(micro_batches):
                 if self.route != "full":
-                    self.accumulate(totals, self.feature_route(step, batch, active, accum), accum)
+                    earlier = {name: totals[name] for name in active if name in totals}
+                    self.accumulate(totals, self.feature_route(step, batch, active, accum, earlier,
+                                                               final if m == accum - 1 else None), accum)
                 if self.route == "full":  # decided at this model's first step
                     losses = self.losses(batch)
                     terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
@@ -45,19 +60,23 @@ class PerTaskEngine(BackwardEngine):
                         self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
                     self.accumulate(totals, losses, accum)
         trained = {name: totals[name] for name in active}
-        self.reduce_grads(self.trainable(active), trained)
+        if not reduced:
+            self.reduce_grads(self.trainable(active), trained)
         update(trained)
         return totals
 
-    def feature_route(self, step: int, batch: Batch, active: list[str], accum: int) -> dict[str, Tensor]:
+    def feature_route(self, step: int, batch: Batch, active: list[str], accum: int,
+                      earlier: dict[str, Tensor] | None = None,
+                      final: Callable[..., AbstractContextManager] | None = None) -> dict[str, Tensor]:
         """Back-propagate one micro-step piece by piece: the encoder forward, each task's head
         forward and backward in turn, one encoder backward. Returns each task's loss (detached);
-        sets ``route`` to ``full`` (and returns nothing) if the first piece's features cannot be split."""
+        sets ``route`` to ``full`` (and returns nothing) if the first piece's features cannot be split.
+        ``final`` (the last micro-step): ``overlapped``, put around the last piece's backward passes,
+        with the losses behind the gradients (``earlier`` micro-steps' and this one's) for poisoning."""
         losses: dict[str, Tensor] = {}
-        for x, targets in batch:
+        pieces = [(x, targets) for x, targets in batch if any(name in self.scales for name in targets)]
+        for k, (x, targets) in enumerate(pieces):
             names = [name for name in targets if name in self.scales]  # tasks with labels at this step
-            if not names:
-                continue
             with self.dist.accelerator.autocast():  # the unwrapped module: the model's own autocast is not on it
                 features = self.module.encode(x)
             reason = SplitFeatures.possible(features)
@@ -66,15 +85,17 @@ class PerTaskEngine(BackwardEngine):
                 return {}
             self.route = "features"
             split, features = SplitFeatures(features), None
-            for name in names:
-                trains = name in active
-                with self.dist.accelerator.autocast(), torch.set_grad_enabled(trains):
-                    output = self.module.heads_forward(split.detached, x, [name])[name]
-                loss = self.task_loss(name, output, targets[name])
-                losses[name] = loss.detach()
-                if trains:
-                    term = self.weighted_terms({name: loss}, step, accum, via={name: split})[name]
-                    self.backward(term / accum)  # frees this head's graph
-            output = loss = term = None  # they hold the cut copy of z (its storage) and a head's graph
-            split.backward_encoder()
+            behind = lambda: dict(enumerate([*(earlier or {}).values(), *(losses[n] for n in active if n in losses)]))
+            with final(behind) if final is not None and k == len(pieces) - 1 else nullcontext():
+                for name in names:
+                    trains = name in active
+                    with self.dist.accelerator.autocast(), torch.set_grad_enabled(trains):
+                        output = self.module.heads_forward(split.detached, x, [name])[name]
+                    loss = self.task_loss(name, output, targets[name])
+                    losses[name] = loss.detach()
+                    if trains:
+                        term = self.weighted_terms({name: loss}, step, accum, via={name: split})[name]
+                        self.backward(term / accum)  # frees this head's graph
+                output = loss = term = None  # they hold the cut copy of z (its storage) and a head's graph
+                split.backward_encoder()
         return losses
