@@ -1,0 +1,124 @@
+"""A few SGD steps of the ``jacobian`` engine, sharded with FSDP2 on N processes or whole on one
+(used by test_fsdp_jacobian.py).
+
+Launch:  python -m torch.distributed.run --nproc_per_node N tests/fsdp_jacobian_worker.py <outdir>
+
+On N > 1 processes the model is sharded with ``fully_shard`` (each block of the encoder, each head,
+then the root, on a CPU mesh) and stepped by ``ShardedJacobianEngine``; on one process it stays
+whole and is stepped by the DDP-path ``JacobianEngine``: the reference. Every case starts from the
+same seed and trains STEPS steps on the same global batches (SGD without momentum, which shows a
+wrong gradient scale). Rank 0 writes ``<outdir>/world<N>.pt``: the full parameters after each case,
+the bytes of the Gramian reduction, and the aggregator's last weights.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from conftest import TINY  # noqa: E402
+from dist_mtl.aggregation import build_aggregation  # noqa: E402
+from dist_mtl.config import load_config  # noqa: E402
+from dist_mtl.data import StepLoader, prepare  # noqa: E402
+from dist_mtl.distributed import Distributed  # noqa: E402
+from dist_mtl.engine import JacobianEngine, JacobianOptions  # noqa: E402
+from dist_mtl.engine.jacobian_sharded import ShardedJacobianEngine  # noqa: E402
+from dist_mtl.models import build_model  # noqa: E402
+from dist_mtl.weighting import build_weighting  # noqa: E402
+
+STEPS = 3
+# name: (aggregator, grad_accum, weighting, a NaN input at step 1 on the last rank)
+CASES = {
+    "upgrad": ("upgrad", 1, "equal", False),
+    "upgrad_accum2": ("upgrad", 2, "equal", False),
+    "mgda": ("mgda", 1, "equal", False),
+    "mean_accum2": ("mean", 2, "equal", False),
+    "upgrad_uncertainty": ("upgrad", 1, "uncertainty", False),
+    "upgrad_nan_on_last_rank": ("upgrad", 1, "equal", True),
+}
+
+
+def shard(model: torch.nn.Module, world_size: int) -> None:
+    """FSDP2 on a CPU mesh: each Linear block of the encoder, each head, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in model.encoder.net:
+        if any(p.requires_grad for p in block.parameters(recurse=False)):
+            fully_shard(block, mesh=mesh)
+    for head in model.heads.values():
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def run_case(dist: Distributed, data, case: str, out: Path) -> dict:
+    aggregator, accum, weighting_name, poison = CASES[case]
+    config = out / f"{case}.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "mtl": {"backward": "jacobian", "aggregator": aggregator,
+                                                      "weighting": weighting_name},
+                                      "train": {**TINY["train"], "optimizer": "sgd", "momentum": 0.0,
+                                                "grad_accum": accum}}))
+    cfg = load_config(config, [], world_size=dist.world_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_dim, {t.name: t.out_dim for t in data.tasks})
+    if dist.world_size > 1:
+        shard(model, dist.world_size)
+    weighting = build_weighting(cfg)
+    params = list(model.parameters()) + list(weighting.parameters(cfg.task_names))
+    optimizer = torch.optim.SGD(params, lr=cfg.train.lr)
+    aggregate = build_aggregation(aggregator, {}, len(cfg.task_names), cfg.seed)
+    cls = ShardedJacobianEngine if dist.world_size > 1 else JacobianEngine
+    engine = cls(dist, model, data.tasks, weighting, aggregate, JacobianOptions())
+    loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
+    gram_bytes, skipped = [], []
+    for step in range(STEPS):
+        batch = loader.micro_batches(step, dist.rank, dist.world_size, accum, cfg.task_names, dist.device)
+        if poison and step == 1 and dist.rank == dist.world_size - 1:  # a NaN loss on the last rank only
+            x, targets = batch[-1][0]
+            batch[-1][0] = (torch.full_like(x, float("nan")), targets)
+        engine.set_counts({t.name: float(cfg.train.batch_size) for t in data.tasks}, accum)
+        before = dist.grad_bytes
+
+        def update(losses, task=None):
+            grads = [p.grad for p in params if p.grad is not None]
+            finite = all(bool(torch.isfinite(full(g)).all()) for g in grads)
+            if finite:
+                optimizer.step()
+            else:
+                skipped.append(step)
+            optimizer.zero_grad(set_to_none=True)
+
+        engine.run(step, batch, update, cfg.task_names)
+        gram_bytes.append(dist.grad_bytes - before)
+    state = {name: full(p) for name, p in model.named_parameters()}
+    state.update({f"weighting.{i}": full(p) for i, p in enumerate(weighting.parameters(cfg.task_names))})
+    return {"params": state, "grad_bytes": gram_bytes, "skipped": skipped,
+            "weights": None if aggregate.last_weights is None else aggregate.last_weights.clone()}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    out = Path(sys.argv[1])
+    dist = Distributed.create()
+    config = out / f"base{dist.world_size}.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    data = prepare(load_config(config, [], world_size=dist.world_size))
+    result = {"world_size": dist.world_size, "cases": {case: run_case(dist, data, case, out) for case in CASES}}
+    if dist.is_main:
+        torch.save(result, out / f"world{dist.world_size}.pt")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
