@@ -3,13 +3,14 @@
 | engine     | backward passes per micro-step | gradient bytes all-reduced per optimizer step |
 |------------|--------------------------------|-----------------------------------------------|
 | sum        | 1                              | all trainable parameters (overlapped)         |
-| per_task   | T (retained graph)             | all trainable parameters, one collective      |
+| per_task   | T head + 1 encoder (features)  | all trainable parameters (overlapped)         |
 | alternate  | T forwards and T backwards     | T x (encoder + one head), one per task step   |
 | jacobian   | T encoder + 1 head backward    | global: T x encoder + heads; local: as sum    |
 | jacobian, wrt features | 1 batched head pass + 1 | T^2 (Gramian) + all trainable parameters  |
 
-Every engine but ``per_task`` starts its gradient all-reduce during its final backward pass, in
-buckets (DDP's reducer for ``sum`` under DDP, ``dist_mtl.overlap`` otherwise).
+Every engine starts its gradient all-reduce during its final backward pass, in buckets (DDP's
+reducer for ``sum`` under DDP, ``dist_mtl.overlap`` otherwise; ``per_task``'s full route, T passes
+through the whole model, reduces after the last).
 """
 
 from __future__ import annotations
