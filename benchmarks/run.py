@@ -14,8 +14,9 @@ block. Rows:
 1. overhead    our ``sum`` step (engine, weighting, schedule, loss bookkeeping) against a minimal
                hand-written Accelerate loop on the same model, data and batch; 1 and 2 processes.
 2. per_task    ``per_task`` against ``sum`` step time (T = 2, 4, 8) and peak memory; and on 2
-               processes, our ``per_task`` (DDP, one coalesced all-reduce) against the same
-               per-task loop with no DDP at all, on the same per-rank batch: the cost of the sync.
+               processes, our ``per_task`` against the user's per-task loop (T backward passes)
+               with no DDP at all, on the same per-rank batch: the feature route's saving and the
+               sync together (the sync alone: the overlap section, against no communication).
 3. jacobian    ``benchmarks/jacobian.py``: jacobian + aggregator against ``sum`` and a LibMTL loop.
 4. scaling     samples/s of 2 processes against 1 on a fixed global batch, for three model sizes.
 5. comm        gradient bytes all-reduced per optimizer step / trainable-parameter bytes, per mode.
@@ -459,8 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(("per_task", f"per_task / sum step time, T={tasks}", r["time_ratio"], ""))
         rows.append(("per_task", f"per_task / sum peak memory, T={tasks}", r["memory_ratio"], ""))
     if pair and "per_task_sync" in pair:
-        rows.append(("per_task", "our per_task on 2 processes / the same loop with no DDP (sync cost)",
-                     pair["per_task_sync"], "<= 1.05"))
+        # The user's loop runs T backward passes through the model; ours, on its feature route, one
+        # through the encoder: this row is that saving and the sync together. The sync alone is
+        # the overlap section's "step time / the same step without communication".
+        rows.append(("per_task", "our per_task on 2 processes / the user's per-task loop (T backward passes), "
+                                 "no DDP", pair["per_task_sync"], ""))
         rows.append(("per_task", "our sum on 2 processes / the same loop with no DDP (sync cost)", pair["sum_sync"],
                      ""))
     for row in jacobian["rows"]:

@@ -34,6 +34,7 @@ def test_benchmark_suite_quick(tmp_path):
     for engine in ("sum (local route)", "per_task", "alternate", "jacobian+upgrad", "jacobian+upgrad (features)"):
         assert f"hidden share of the all-reduce, {engine}" in overlap, engine
         assert f"step time, overlapped / one all-reduce after backward, {engine}" in overlap, engine
+        assert f"step time / the same step without communication, {engine}" in overlap, engine
     encoder = 64 * 256 + 256 + 2 * (256 * 256 + 256)
     head = 256 + 1
     exact = {"sum": 1.0, "per_task": 1.0, "jacobian+upgrad (local)": 1.0,
