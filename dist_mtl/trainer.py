@@ -22,6 +22,7 @@ from . import __version__, checkpoint, faults, preemption, rundir
 from .config import Config, DataConfig, TrainConfig
 from .baselines import constant_output, estimate_priors
 from .data import DatasetSource, MultiTaskData, TensorData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
+from .compat import optimizer_step
 from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
 from .aggregation import build_aggregation
 from .batchnorm import convert_cpu_sync_batchnorm, is_synchronised
@@ -741,7 +742,7 @@ class TrainStep:
         scheduled_lr = encoder["lr"]
         if task is not None and task in cfg.train.task_lr:
             encoder["lr"] = scheduled_lr * cfg.train.task_lr[task] / cfg.train.lr
-        optimizer.step()
+        optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         weighting.update_parameters()  # learned weights (their gradients were reduced with the model's)
         encoder["lr"] = scheduled_lr
