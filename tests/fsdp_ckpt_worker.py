@@ -153,6 +153,7 @@ def two(out: Path, cfg, dist: Distributed) -> dict:
                 outcome = f"{type(e).__name__}: {e}"
         dist.barrier()
         result["failures"][at] = {"outcome": outcome, "left": sorted(os.listdir(root))}
+        dist.barrier()  # every rank has looked before the next save starts a partial directory
 
     for k in range(SAVED_AT + 1, SAVED_AT + 4):
         step(model, optimizer, k, rank, world)
