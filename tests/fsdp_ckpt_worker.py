@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
@@ -207,8 +208,6 @@ def one(out: Path, cfg, dist: Distributed) -> dict:
 
 
 def plain(out: Path, cfg, dist: Distributed) -> dict:
-    import torch.distributed as torch_dist
-
     model, optimizer = build(cfg, 1, None)
     checkpoint.load(dist, out / "checkpoints" / f"step_{SAVED_AT}", model, optimizer)
     result = {"process_group": torch_dist.is_initialized(), "loaded": full_state(model, optimizer)}
@@ -222,10 +221,8 @@ def main() -> None:
     out, phase = Path(sys.argv[1]), sys.argv[2]
     cfg = load_config(dict(TINY, train=dict(TINY["train"], optimizer="adamw")), [], world_size=1)
     dist = Distributed.create(timeout_s=60)
-    if phase == "one" and not __import__("torch.distributed").distributed.is_initialized():
-        import torch.distributed as torch_dist
-
-        torch_dist.init_process_group("gloo")  # a sharded model needs a process group, even of one
+    if phase == "one" and not torch_dist.is_initialized():  # Accelerate starts none for one process
+        torch_dist.init_process_group("gloo")  # a sharded model needs one, even of one process
     result = {"two": two, "one": one, "plain": plain}[phase](out, cfg, dist)
     result["world_size"] = dist.world_size
     torch.save(result, out / f"{phase}_rank{dist.rank}.pt")
