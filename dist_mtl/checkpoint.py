@@ -23,6 +23,32 @@ rank can see.
 Model files (here and ``final/model.safetensors``) are written by :func:`save_module` and read by
 :func:`load_module`: any dtype, shape or device, and tied weights (two names, one tensor) written
 once, with their other names in the file's metadata, and tied again on load.
+
+Sharded checkpoints (FSDP2, ``train.parallel: fsdp``): when the model's parameters are DTensors
+(``fully_shard``), ``model.safetensors`` and ``optimizer.pt`` are replaced by one
+``torch.distributed.checkpoint`` (DCP) directory:
+
+  sharded/.metadata      DCP's index (written by rank 0 last, through a temporary name): every
+                         tensor's global shape and dtype, and which file holds which chunk
+  sharded/__<R>_0.distcp rank R's shards: its slice of every parameter and of the optimizer state
+                         (AdamW's exp_avg / exp_avg_sq), plus the replicated small items (step
+                         counters, param_groups) once
+
+Keys are ``model.<name>`` and ``optimizer.state.<name>.<field>`` / ``optimizer.param_groups...``
+with the same fully qualified names as the unwrapped model (and as ``final/model.safetensors``),
+so a checkpoint does not depend on the world size or the sharding. Everything else (trainer state,
+RNG per rank, weighting, aggregator, config) is written as above. Cost: each rank writes its own
+1/N of the model and optimizer bytes, in parallel, with no gather of full tensors; the collectives
+are DCP's small plan exchanges. Every data file and ``.metadata`` is fsynced (DCP's
+``sync_files``), inside the same ``.partial-step_<N>`` directory and the same publish-by-rename.
+
+A sharded checkpoint loads on any world size: into a sharded model (DCP reshards the chunks into
+whatever DTensors it is given), or into a plain or DDP model and optimizer, full tensors, with or
+without a process group. A plain checkpoint (``model.safetensors`` + ``optimizer.pt``) loads into
+a sharded model too: every rank reads the full files and keeps its shards (this costs one full
+copy of the model and optimizer state in each rank's CPU memory while loading). DCP's non-tensor
+items are read with ``weights_only=True``; its ``.metadata`` index is a pickle, so load only
+checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -49,6 +75,8 @@ from .state import check_tensors, split_aliases
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"
+"""The directory of a sharded checkpoint's model and optimizer state (a DCP checkpoint)."""
 ALIASES_KEY = "dist_mtl.aliases"
 """Metadata key of a safetensors file written here: JSON ``{name: name it is tied to}``."""
 
@@ -111,11 +139,33 @@ def load_module(module: nn.Module, path: Path | str) -> None:
 def state_nbytes(module: nn.Module) -> int:
     """Bytes that ``module``'s state takes in a model file: parameters and persistent buffers
     (BatchNorm's statistics, a tokenizer's tables), each tied tensor once. The free-space check
-    counts this, not only ``parameters()``."""
+    counts this, not only ``parameters()``. A sharded parameter counts whole: its shards together
+    take that much in a checkpoint, and the final model holds it whole."""
     state = module.state_dict()
     check_tensors(state)
-    kept, _ = split_aliases(state)
-    return sum(t.numel() * t.element_size() for t in kept.values())
+    kept, _ = split_aliases({name: _local(t) for name, t in state.items()})
+    return sum(state[name].numel() * state[name].element_size() for name in kept)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (what ties are judged on); any other tensor as it is."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded (FSDP2's ``fully_shard``: its parameters are DTensors). Its
+    checkpoints are then written by every rank through ``torch.distributed.checkpoint``."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
 
 def _unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -189,9 +239,11 @@ def checkpoint_step(path: Path) -> int:
 
 def damage(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files, or None if each one reads back: JSON
-    parses, every safetensors header covers its file, every ``.pt`` zip has its central directory.
-    A file cut short by a crash or a full disk always fails one of these, since each format keeps
-    its index at one end. Cheap: headers and directories only, not the tensor data."""
+    parses, every safetensors header covers its file, every ``.pt`` zip has its central directory,
+    and for a sharded checkpoint DCP's ``.metadata`` reads and every chunk it indexes lies within
+    its file. A file cut short by a crash or a full disk always fails one of these, since each
+    format keeps its index at one end (DCP's index is a file of its own, written last). Cheap:
+    headers, directories and file sizes only, not the tensor data."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -199,9 +251,16 @@ def damage(path: Path) -> str | None:
         world_size = int(state.get("world_size", 1))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return f"{STATE_FILE}: {type(e).__name__}"
-    names = {"model.safetensors", "optimizer.pt"} | {f.name for f in path.iterdir()}
+    sharded = path / SHARDED_DIR
+    if sharded.exists():
+        problem = _shards_damage(sharded)
+        if problem:
+            return f"{SHARDED_DIR}/{problem}"
+    names = (set() if sharded.exists() else {"model.safetensors", "optimizer.pt"}) | {f.name for f in path.iterdir()}
     for name in sorted(names):
         file = path / name
+        if file.is_dir():
+            continue
         try:
             if name.endswith(".safetensors"):
                 with safe_open(str(file), "pt"):
@@ -214,6 +273,30 @@ def damage(path: Path) -> str | None:
     missing = [f"rng_rank{r}.safetensors" for r in range(world_size) if not (path / f"rng_rank{r}.safetensors").is_file()]
     if missing:
         return f"{missing[0]} is missing"
+    return None
+
+
+def _shards_damage(directory: Path) -> str | None:
+    """What is wrong with a DCP directory, or None: its ``.metadata`` unpickles, and every file it
+    names exists and is at least as long as the last chunk it places there."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+        ends: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # noqa: BLE001 - a cut or garbled pickle raises anything (EOFError, UnpicklingError, ...)
+        return f".metadata: {type(e).__name__}"
+    if not ends:
+        return ".metadata indexes no data"
+    for name, end in sorted(ends.items()):
+        try:
+            size = (directory / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size < end:
+            return f"{name} is cut short ({size} of at least {end} bytes)"
     return None
 
 
@@ -261,8 +344,14 @@ def save(dist: Distributed, root: Path, step: int, model, optimizer, state: dict
         failure, error = _attempt(dist, lambda: _prepare(root, partial), root.parent, "not written")
     failures = _failures([dist.broadcast_object(failure)])
     if not failures:
-        failure, error = _attempt(dist, lambda: _write_parts(dist, partial, step, model, optimizer, state, tensors,
-                                                             objects, texts), root.parent, "not written")
+        module = dist.accelerator.unwrap_model(model)
+        sharded = is_sharded(module)
+        if sharded:  # every rank, together: DCP's own collectives; its failures reach every rank
+            failure, error = _attempt(dist, lambda: _write_shards(dist, partial / SHARDED_DIR, module, optimizer),
+                                      root.parent, "not written")
+        if failure is None:  # no collective below: a rank whose shards failed may skip it
+            failure, error = _attempt(dist, lambda: _write_parts(dist, partial, step, module, optimizer, state, tensors,
+                                                                 objects, texts, sharded), root.parent, "not written")
         faults.during_save(step, dist.rank)
         failures = _failures(dist.all_gather_object(failure))  # every rank's files are on disk
     settled, settle_error = _settle(dist, root, partial, final, keep, failures) if dist.is_main else (None, None)
@@ -334,21 +423,49 @@ def _prepare(root: Path, partial: Path) -> None:
     partial.mkdir()
 
 
+def _write_shards(dist: Distributed, directory: Path, module: nn.Module, optimizer) -> None:
+    """This rank's shards of the model and the optimizer state, through DCP, with the same names as
+    the unwrapped model's; rank 0 writes ``.metadata`` once every rank's data is written. Called on
+    every rank together.
+
+    DCP gathers every rank's exception and raises them all, on every rank, as one
+    ``CheckpointException`` (a BaseException, not an Exception). Here a rank raises only its own
+    (a full disk as the OSError it is, a bug as itself), and a rank that did its part returns:
+    the failing rank reports it through ``save``'s gather, like any other failure."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True, overwrite=False))
+    except CheckpointException as e:
+        own = e.failures.get(dist.rank)
+        if own is not None:
+            raise own[0] from None
+        return
+    if dist.is_main:
+        _fsync(directory)
+
+
 def _write_parts(dist: Distributed, partial: Path, step: int, model, optimizer, state: dict,
                  tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict] | None,
-                 texts: dict[str, str] | None) -> None:
+                 texts: dict[str, str] | None, sharded: bool = False) -> None:
     """This rank's files: its RNG state; on the main process everything else, trainer_state.json
-    last. Each file is fsynced, so a published checkpoint survives a node crash too."""
+    last (a sharded model's state is in ``sharded/`` already). Each file is fsynced, so a
+    published checkpoint survives a node crash too."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     written = [partial / f"rng_rank{dist.rank}.safetensors"]
     save_tensors(rng, written[0])
     if dist.is_main:
-        written.append(partial / "model.safetensors")
-        save_module(dist.accelerator.unwrap_model(model), written[-1])
-        written.append(partial / "optimizer.pt")
-        _torch_save(optimizer.state_dict(), written[-1])
+        if not sharded:
+            written.append(partial / "model.safetensors")
+            save_module(dist.accelerator.unwrap_model(model), written[-1])
+            written.append(partial / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), written[-1])
         for name, group in tensors.items():
             written.append(partial / f"{name}.safetensors")
             save_tensors(group, written[-1])
@@ -416,11 +533,17 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
                         if f.name != "model.safetensors" and not f.name.startswith("rng_rank")}
     state["objects"] = {f.stem: torch.load(f, weights_only=True, map_location="cpu")
                         for f in path.glob("*.pt") if f.name != "optimizer.pt"}
-    load_module(dist.accelerator.unwrap_model(model), path / "model.safetensors")
+    module = dist.accelerator.unwrap_model(model)
+    if (path / SHARDED_DIR).is_dir():
+        _load_shards(path, module, optimizer)
+    elif is_sharded(module):
+        _load_whole_into_shards(path, module, optimizer)
+    else:
+        load_module(module, path / "model.safetensors")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scaler = dist.accelerator.scaler
     if "scaler" in state and scaler is not None and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = path / f"rng_rank{dist.rank}.safetensors"
     if rng_file.is_file():
         rng = load_tensors(rng_file)
@@ -428,3 +551,96 @@ def load(dist: Distributed, path: Path, model, optimizer) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def _weights_only_planner():
+    """DCP's default load planner, reading its non-tensor items (the optimizer's param_groups:
+    numbers, strings, tuples) with ``weights_only=True`` instead of a full unpickle."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return WeightsOnlyLoadPlanner()
+
+
+def _load_shards(path: Path, module: nn.Module, optimizer) -> None:
+    """Load a sharded checkpoint into ``module`` and ``optimizer``, sharded on any world size (DCP
+    reads, on each rank, the chunks that overlap its shards) or whole (a plain or DDP model, with
+    or without a process group). Called on every rank together.
+
+    The optimizer gets exactly the state that was saved: ``get_state_dict`` first gives every
+    parameter AdamW state (a step with zero gradients), but a parameter that had none when saved
+    (a head that never got a gradient yet) must have none again, or its first real step would
+    differ from the uninterrupted run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    directory = path / SHARDED_DIR
+    stored = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    wanted = {"model": model_state, "optimizer": optimizer_state}
+    flat, paths = flatten_state_dict(wanted)
+    for key in sorted(set(flat) - stored):
+        where = paths[key]
+        if where[:2] != ("optimizer", "state") or len(where) != 4:
+            raise ConfigError("train.resume", f"{path} does not match this model and optimizer: it has no {key}")
+        optimizer_state["state"][where[2]].pop(where[3], None)
+    optimizer_state["state"] = {name: fields for name, fields in optimizer_state["state"].items() if fields}
+    extra = stored - set(flatten_state_dict(wanted)[0])
+    if extra:
+        raise ConfigError("train.resume", f"{path} does not match this model and optimizer: this model or optimizer "
+                          f"has no {sorted(extra)[0]} ({len(extra)} such entries)")
+    dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(directory)), planner=_weights_only_planner())
+    # strict=False: torch 2.13 refuses a parameter without optimizer state otherwise. The names were
+    # matched above, so nothing is left out silently.
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(strict=False))
+
+
+def _load_whole_into_shards(path: Path, module: nn.Module, optimizer) -> None:
+    """Load a plain checkpoint (``model.safetensors`` + ``optimizer.pt``, written under DDP or on
+    one process) into a sharded model and its optimizer: every rank reads the whole files and keeps
+    its shards. ``optimizer.pt`` numbers the parameters in the optimizer's order; they are named
+    here from this optimizer's groups, which must have the same sizes (the trainer builds both
+    optimizers the same way)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state = load_tensors(path / "model.safetensors")
+    if set(model_state) != set(module.state_dict()):
+        odd = sorted(set(model_state) ^ set(module.state_dict()))
+        raise ConfigError("train.resume", f"{path} does not match this model: {odd[0]} is in only one of them "
+                          f"({len(odd)} such names)")
+    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    names = {id(p): name for name, p in module.named_parameters()}
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != saved_sizes:
+        raise ConfigError("train.resume", f"{path} does not match this optimizer: parameter groups of sizes "
+                          f"{saved_sizes}, this optimizer's {sizes}")
+    state: dict[str, dict] = {}
+    groups = []
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        fqns = [names[id(p)] for p in group["params"]]
+        for fqn, number in zip(fqns, saved_group["params"]):
+            if number in saved["state"]:
+                state[fqn] = saved["state"][number]
+        groups.append({**{k: v for k, v in saved_group.items() if k != "params"}, "params": fqns})
+    set_state_dict(module, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": state, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True, strict=False))  # names matched above
+    # torch 2.13 loads whole optimizer state into the state a zero-gradient step just gave every
+    # parameter, so a parameter that had none (a head with no gradient yet) would keep that; and
+    # it hands back the groups' tuples (AdamW's betas) as lists.
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for param in group["params"]:
+            if names[id(param)] not in state:
+                optimizer.state.pop(param, None)
