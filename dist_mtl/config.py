@@ -353,6 +353,18 @@ class TrainConfig:
     """DDP's ``find_unused_parameters``: needed when a model has parameters that the forward does
     not always use (an unused pooler, a conditional branch) and ``mtl.backward: sum`` reduces
     through DDP. The other engines reduce by hand and do not need it."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How the model is spread over the processes: ``ddp`` (a whole replica on each, gradients
+    all-reduced) or ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
+    sharded over the processes; each sharding unit is all-gathered for its forward and backward and
+    its gradients are reduce-scattered once per update). Launch with ``launch/fsdp.yaml`` or any
+    launcher; on one process it trains unsharded. Engines ``sum``, ``per_task`` and ``alternate``
+    are exact under it; ``jacobian``, fp16, ``train.compile`` and ``log.grad_conflict`` are refused."""
+    fsdp_units: list[str] | None = None
+    """With ``parallel: fsdp``, the class names of the modules that form the sharding units (each
+    module of those classes in the encoder and the heads, innermost first; the whole model is the
+    last unit). Default: each top-level block of the encoder (the elements of its main
+    ``Sequential``/``ModuleList``, else its children), the encoder, and each head."""
     collective_timeout_s: int = 600
     """Seconds a collective may wait for the other ranks before the process fails (a rank that
     hangs, a lost node). A rank that dies or raises is noticed at once on one machine: the launcher
@@ -949,6 +961,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         missing = missing_compiler()
         _require(missing is None, "train.compile", f"needs a C++ compiler for torch.compile's CPU code, and "
                  f"{missing} was not found; install one (apt-get install g++), set CXX, or use train.compile=false")
+    _validate_parallel(cfg)
     if t.mixed_precision == "fp16":
         import torch
 
@@ -965,6 +978,29 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         build_weighting(cfg, name, args, key=key)
     _require(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir",
              f"must be a non-empty path without NUL characters, got {cfg.output_dir!r}")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """``train.parallel: fsdp``: what FSDP2 sharding does not support yet, refused in one line."""
+    t = cfg.train
+    _require(t.fsdp_units is None or t.parallel == "fsdp", "train.fsdp_units",
+             "applies with train.parallel: fsdp only; remove it or set train.parallel=fsdp")
+    if t.fsdp_units is not None:
+        _require(isinstance(t.fsdp_units, list) and bool(t.fsdp_units) and all(isinstance(n, str) and n for n in t.fsdp_units),
+                 "train.fsdp_units", f"must be a non-empty list of module class names, got {t.fsdp_units!r}")
+    if t.parallel != "fsdp":
+        return
+    backwards = {cfg.mtl.backward, *(p.backward for p in cfg.mtl.schedule if p.backward)}
+    _require("jacobian" not in backwards, "mtl.backward",
+             "jacobian is not supported with train.parallel=fsdp yet (autograd.grad of sharded parameters gives "
+             "local, unreduced gradients); allowed with fsdp: sum, per_task, alternate")
+    _require(t.mixed_precision != "fp16", "train.mixed_precision",
+             "fp16 is not supported with train.parallel=fsdp (its loss scaler does not handle sharded gradients); "
+             "use bf16 or no")
+    _require(not t.compile, "train.compile", "is not supported with train.parallel=fsdp yet; use train.compile=false")
+    _require(not cfg.log.grad_conflict, "log.grad_conflict",
+             "is not supported with train.parallel=fsdp (it takes per-task gradients of sharded parameters); "
+             "use log.grad_conflict=false")
 
 
 BLOCK_ENCODERS = ("mlp", "timm", "transformers")

@@ -45,12 +45,20 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
-def check_not_fsdp() -> None:
-    """Refuse an FSDP launch (``launch/fsdp.yaml``) on GPUs: the engines' gradient reductions,
-    digests and checkpoints assume whole (DDP) parameters. On CPU, Accelerate runs it as DDP."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and torch.cuda.is_available():
-        raise LaunchError("launched with FSDP (launch/fsdp.yaml), which dist-mtl does not support yet: its "
-                          "exactness guarantee and checkpoints are built on DDP; use launch/gpu.yaml")
+def fsdp_launch() -> bool:
+    """Whether this process was launched with FSDP (``launch/fsdp.yaml``: Accelerate's
+    ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def check_not_fsdp(parallel: str = "ddp") -> None:
+    """Refuse an FSDP launch (``launch/fsdp.yaml``) of a run whose config says ``train.parallel:
+    ddp``: the launcher and the config would disagree on whether parameters are sharded, and the
+    config is what decides (it is recorded, compared on reruns, and changes what checkpoints hold).
+    Refused on CPU and GPU alike, before the process group exists (exit 2)."""
+    if fsdp_launch() and parallel != "fsdp":
+        raise LaunchError("launched with FSDP (launch/fsdp.yaml) but the config has train.parallel=ddp; add "
+                          "train.parallel=fsdp to shard the model, or launch with launch/gpu.yaml (or cpu.yaml) for DDP")
 
 
 def check_not_sharded(model: nn.Module) -> None:
@@ -251,18 +259,42 @@ class Distributed:
         self.barrier()
         self.accelerator.state.destroy_process_group()
 
+    def device_mesh(self):
+        """A 1-D device mesh over every process, for FSDP2 (``dist_mtl.sharding``): on CPU (gloo) it
+        must be given explicitly. Built once."""
+        if getattr(self, "_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+        return self._mesh
+
     # -- consistency ---------------------------------------------------------------------------
     def parameter_digests(self, model: nn.Module) -> list[str]:
         """Every rank's digest of its unwrapped model's state (parameters and buffers, any dtype,
         shape or device; names, dtypes, shapes and ties included), gathered on all ranks: equal
-        digests mean bitwise-equal replicas (see ``dist_mtl.state.digest``)."""
-        return self.all_gather_object(digest(self.accelerator.unwrap_model(model).state_dict()))
+        digests mean bitwise-equal replicas (see ``dist_mtl.state.digest``). Under FSDP each
+        rank's digest is of its own shards plus what it holds whole (they differ by design; see
+        ``check_consistent``)."""
+        return [d for d, _ in self._digests(model)]
+
+    def _digests(self, model: nn.Module) -> list[tuple[str, str | None]]:
+        """Each rank's (digest of its state, digest of its replicated part under FSDP or None)."""
+        from .sharding import is_sharded, local_state
+
+        module = self.accelerator.unwrap_model(model)
+        if not is_sharded(module):
+            return [(d, None) for d in self.all_gather_object(digest(module.state_dict()))]
+        shards, replicated = local_state(module)
+        return [tuple(x) for x in self.all_gather_object((digest({**shards, **replicated}), digest(replicated)))]
 
     def check_consistent(self, model: nn.Module, step: int) -> list[str]:
-        """Raise if any rank's parameters differ bitwise from rank 0's; return the digests."""
-        digests = self.parameter_digests(model)
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        """Raise if any rank's parameters differ bitwise from rank 0's; return the digests. Under
+        FSDP the ranks hold different shards: what every rank holds whole (buffers, unsharded
+        parameters) is compared, and the returned digests are each rank's own (shards included)."""
+        pairs = self._digests(model)
+        compared = [r if r is not None else d for d, r in pairs]
+        bad = [r for r, d in enumerate(compared) if d != compared[0]]
         if bad:
             raise RuntimeError(f"replicas diverged at step {step}: rank(s) {bad} hold different parameters "
                                "from rank 0")
-        return digests
+        return [d for d, _ in pairs]

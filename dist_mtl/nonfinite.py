@@ -50,8 +50,13 @@ def all_finite(values: list[Tensor], fused: bool | None = None) -> bool:
 class NonFiniteGuard:
     """Checks each update; on a bad one, skips it on every rank or stops every rank."""
 
-    def __init__(self, dist: Distributed, mode: str, max_consecutive: int, check_grads: bool = True) -> None:
+    def __init__(self, dist: Distributed, mode: str, max_consecutive: int, check_grads: bool = True,
+                 sharded: bool = False) -> None:
         self.dist, self.mode, self.max_consecutive, self.check_grads = dist, mode, max_consecutive, check_grads
+        self.sharded = sharded
+        """FSDP (``train.parallel: fsdp``): each rank holds its own shard of the reduced gradients, so
+        the ranks cannot decide alone; each checks its shards and its own losses, and one MIN
+        all-reduce of that one flag decides for every rank (no NaN poisoning is needed)."""
         self.skipped = 0
         """Updates skipped so far in this process's run (logged as ``nonfinite/skipped``)."""
         self.consecutive = 0
@@ -62,7 +67,13 @@ class NonFiniteGuard:
         """Whether to apply this update. ``grads`` are the reduced gradients (identical on every
         rank, and non-finite on every rank if one rank's own loss was: see ``poison``), so the
         answer is the same on every rank; a False is counted, or raises on abort."""
-        if self.check_grads:  # this rank's own losses too: a no-op on several processes (see poison)
+        if self.sharded and self.dist.distributed:  # this rank's shards and losses, made global (one number)
+            from .sharding import local
+
+            mine = all_finite([local(g) for g in grads] + list(local_losses.values()))
+            flag = torch.tensor([float(mine)], device=self.dist.device)
+            finite = bool(self.dist.min_max(flag)[0].item())
+        elif self.check_grads:  # this rank's own losses too: a no-op on several processes (see poison)
             finite = all_finite(grads + list(local_losses.values()))
         else:  # fp16: the local losses, made global (one all-reduce of one number)
             flag = torch.tensor([float(all_finite(list(local_losses.values())))], device=self.dist.device)

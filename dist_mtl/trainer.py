@@ -35,6 +35,7 @@ from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tracking import Tracker, git_commit
 from .vanishing import VanishingLossMonitor
 from .schedule import Schedule, TaskSampler
+from .sharding import count_traffic, full_state_dict, is_dtensor, is_sharded, shard_model
 from .summary import format_summary
 from .weighting import StepResult, Weighting, build_weighting
 
@@ -82,7 +83,7 @@ class Trainer:
         the process group, writes config.yaml and this attempt's run.json entry (main process).
         Raises ConfigError/UsageError (exit 2) for what does not fit, before any training."""
         self.cfg, self.run_dir = cfg, run_dir
-        check_not_fsdp()
+        check_not_fsdp(cfg.train.parallel)
         Tracker.check_wandb(cfg, env_is_main())
         self.dist = dist = Distributed.create(cfg.train.mixed_precision, project_dir=str(run_dir),
                                               find_unused_parameters=cfg.train.find_unused_parameters,
@@ -101,19 +102,26 @@ class Trainer:
         if any(w.needs_task_grads for w in schedule_weightings(cfg)):  # GradNorm: the last layer the features pass
             first = self.loader.micro_batches(0, 0, 1, 1, [t.name for t in data.tasks], torch.device("cpu"))[0][0][0]
             model.find_last_layer(first)
-        optimizer = build_optimizer(cfg.train, model)
         if dist.is_main:
             for warning in exactness_warnings(model, cfg, dist.world_size):
                 print(f"dist-mtl: warning: {warning}", file=sys.stderr, flush=True)
         _check_free_space(dist, run_dir, cfg.train, model)
         if cfg.train.compile:  # in place, after GradNorm's hooks above and before DDP wraps it: names unchanged
             compile_model(model)
+        if cfg.train.parallel == "fsdp":  # before the optimizer, which must hold the sharded parameters
+            model = shard_model(model, dist, cfg.train.fsdp_units, cfg.train.mixed_precision)
+        optimizer = build_optimizer(cfg.train, model)
         # The scheduler is stepped by hand, once per optimizer step: Accelerate's wrapper would step it
         # num_processes times, making the schedule depend on the world size.
         self.scheduler = build_scheduler(cfg.train, optimizer)
-        self.model, self.optimizer = dist.accelerator.prepare(model, optimizer)
-        if cfg.log.comm_bytes:
-            dist.count_ddp_traffic(self.model)
+        if is_sharded(model):  # FSDP2 is ours (the same path on CPU and GPU): no DDP around it, no wrappers
+            self.model, self.optimizer = model, optimizer
+            if cfg.log.comm_bytes:
+                count_traffic(model, dist)
+        else:
+            self.model, self.optimizer = dist.accelerator.prepare(model, optimizer)
+            if cfg.log.comm_bytes:
+                dist.count_ddp_traffic(self.model)
 
         # One engine per phase, each bound to its phase's weighting (phases naming the same weighting
         # share the instance and its state).
@@ -127,7 +135,7 @@ class Trainer:
                                                   self.weightings[phase.weighting], self.aggregate, options)
                         for phase in self.schedule.all_phases}
         self.guard = NonFiniteGuard(dist, cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
-                                    check_grads=cfg.train.mixed_precision != "fp16")
+                                    check_grads=cfg.train.mixed_precision != "fp16", sharded=is_sharded(model))
         self.train_step = TrainStep(cfg, dist, self.model, self.optimizer, self.scheduler, self.loader, self.guard)
         self.vanishing = VanishingLossMonitor.from_config(cfg)  # warns once per task whose loss goes to 0
 
@@ -343,6 +351,13 @@ class Trainer:
     def save_checkpoint(self, done: int, required: bool) -> checkpoint.CheckpointError | None:
         """Checkpoint step ``done`` on every rank together. A failed write is logged; it is returned
         (to stop the run) when ``required``, else training goes on with the earlier checkpoints."""
+        if is_sharded(self.model):  # checkpoint.py saves whole (DDP) parameters; sharded ones come separately
+            if not getattr(self, "_warned_checkpoint", False) and self.dist.is_main:
+                self.progress.write("dist-mtl: warning: train.parallel=fsdp does not write checkpoints yet (sharded "
+                                    "checkpoints are a separate change); final/model.safetensors is written",
+                                    file=sys.stderr)
+            self._warned_checkpoint = True
+            return checkpoint.CheckpointError("train.parallel=fsdp does not write checkpoints yet") if required else None
         try:
             self.dist.sync_buffers(self.model)
             state = self.state_dict()
@@ -390,8 +405,10 @@ class Trainer:
                                        self.baseline_priors())
             self.keep_baselines()
         digests = dist.check_consistent(self.model, cfg.train.max_steps)
+        # FSDP: the whole model gathered (a collective, on every rank) under the unsharded names
+        state = full_state_dict(self.model) if is_sharded(self.model) else None
         if dist.is_main:
-            _write_final(dist, self.model, self.run_dir, self.data, self.final_eval)
+            _write_final(dist, self.model, self.run_dir, self.data, self.final_eval, state)
             self.run_record.update(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    param_digests=digests)
             self.run_record.end_attempt(cfg.train.max_steps, "finished")
@@ -729,7 +746,9 @@ class TrainStep:
         learned = weighting.parameters(active)
         checked = [p.grad for p in learned if p.grad is not None]
         if cfg.train.grad_clip > 0:  # the clip's norm is non-finite iff a gradient is: one pass serves both
-            checked.append(self.dist.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+            norm = self.dist.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            # FSDP: the norm of the sharded gradients, as a DTensor; its full value is the global norm
+            checked.append(norm.full_tensor() if is_dtensor(norm) else norm)
         else:
             checked += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not self.guard.allows(step, losses, checked, task):
@@ -811,9 +830,17 @@ def evaluate(dist: Distributed, model: nn.Module, data: MultiTaskData, batch_siz
     module = dist.accelerator.unwrap_model(model)
     module.eval()
     sums = {k: torch.zeros(shapes[k], dtype=torch.float64, device=dist.device) for k in keys}
+    sharded = is_sharded(module)
     for group in (g for g in data.groups if g.val is not None):
         shard = eval_shard(len(group.val), dist.rank, dist.world_size)
         names = [task.name for task in group.tasks]
+        if sharded:  # each forward all-gathers: every rank runs as many as the rank with most batches
+            counts = dist.all_gather_object(-(-len(shard) // batch_size))  # the batches val_batches cuts
+            spare = max(counts) - counts[dist.rank]
+            filler = next(iter(val_batches(group.val, torch.arange(1), batch_size, loading))) if spare else None
+            for _ in range(spare):  # outputs discarded
+                with dist.accelerator.autocast():
+                    module(to_device(filler, dist.device)[0], tasks=names)
         for batch in val_batches(group.val, shard, batch_size, loading):
             x, targets = to_device(batch, dist.device)
             with dist.accelerator.autocast():
@@ -986,6 +1013,8 @@ def _begin_attempt(cfg: Config, dist: Distributed, run_dir: Path, data: MultiTas
         "device": str(dist.device),
         "mixed_precision": dist.accelerator.mixed_precision,  # what autocast really uses, not the request
         "compile": cfg.train.compile,
+        "parallel": cfg.train.parallel,
+        "sharded": dist.distributed and cfg.train.parallel == "fsdp",
         "versions": {"dist_mtl": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__, "python": platform.python_version()},
         "git_commit": git_commit(),
@@ -1014,10 +1043,15 @@ def _finished_result(run_dir: Path, steps: int) -> TrainResult:
 
 
 def _write_final(dist: Distributed, model: nn.Module, run_dir: Path, data: MultiTaskData,
-                 final_eval: dict[str, float]) -> None:
+                 final_eval: dict[str, float], state: dict[str, Tensor] | None = None) -> None:
+    """``final/``: the model (``state``: its gathered full state dict under FSDP), the
+    preprocessing and the final evaluation (main process)."""
     final = run_dir / "final"
     final.mkdir(exist_ok=True)
-    checkpoint.save_module(dist.accelerator.unwrap_model(model), final / "model.safetensors",
-                           metadata={"dist_mtl": __version__})
+    if state is not None:  # the same names and file as save_module's
+        checkpoint.save_tensors(state, final / "model.safetensors", metadata={"dist_mtl": __version__})
+    else:
+        checkpoint.save_module(dist.accelerator.unwrap_model(model), final / "model.safetensors",
+                               metadata={"dist_mtl": __version__})
     _atomic_json(final / "preprocessing.json", data.preprocessing)
     _atomic_json(final / "eval.json", {"metrics": final_eval, "baselines": data.baselines})

@@ -25,13 +25,17 @@ def test_every_launch_config_is_documented_and_parses():
         assert f"launch/{path.name}" in readme, f"{path.name} is not in launch/README.md"
 
 
-def test_fsdp_launch_is_refused_on_gpus_and_runs_as_ddp_on_cpu(monkeypatch):
+def test_fsdp_launch_needs_train_parallel_fsdp(monkeypatch):
+    """launch/fsdp.yaml with a config that says ddp is refused on CPU and GPU alike; with
+    train.parallel=fsdp it runs (dist_mtl.sharding shards the model itself)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(LaunchError, match="FSDP .* does not support yet"):
-        check_not_fsdp()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    check_not_fsdp()  # on CPU Accelerate falls back to DDP, which is what dist-mtl proves exact
+    for cuda in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        with pytest.raises(LaunchError, match="train.parallel=ddp; add train.parallel=fsdp"):
+            check_not_fsdp("ddp")
+        check_not_fsdp("fsdp")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_not_fsdp("ddp")
 
 
 @pytest.mark.slow

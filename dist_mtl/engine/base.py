@@ -16,6 +16,7 @@ from ..aggregation import Aggregation
 from ..distributed import Distributed
 from ..nonfinite import all_finite
 from ..overlap import BUCKET_BYTES, OverlappedReduce
+from ..sharding import is_dtensor, is_sharded, no_sync, sync, unsharded
 from ..tasks import Task
 from ..weighting import Weighting
 
@@ -208,6 +209,10 @@ class BackwardEngine:
         self.bucket_bytes = BUCKET_BYTES
         """Bucket size of the all-reduces overlapped with backward (``overlapped``)."""
         self.overlap_counts = {"buckets": 0, "in_backward": 0, "early": 0}
+        self.sharded = is_sharded(self.module)
+        """FSDP2 (``train.parallel: fsdp``): the model's gradients are reduce-scattered by FSDP in
+        the update's last backward pass (``final_sync``), not all-reduced by the engine; only the
+        plain tensors outside the model (the weighting's learned parameters) are."""
         """Buckets all-reduced by ``overlapped`` so far; how many of them left during a backward pass
         (from a hook), and before the block's end (from a hook or ``mark_ready``)."""
 
@@ -285,6 +290,8 @@ class BackwardEngine:
         vector-Jacobian product with the layer."""
         if self.weighting.needs_task_grads:
             layer = self.module.last_shared_parameters(self.weighting.args.get("layer"))
+            if self.sharded:  # the graph's unsharded weight: local gradients, averaged by TrainStep
+                layer = unsharded(self.module, layer)
             scale = self._loss_scale()
             for name, loss in losses.items():
                 if via is not None:
@@ -325,7 +332,16 @@ class BackwardEngine:
         """Forward and backward without DDP's reducer: DDP decides in forward what to all-reduce, so
         several backward passes on one forward either raise or silently stay local. The engines
         that back-propagate more than once work locally and reduce once with ``reduce_grads``."""
+        if self.sharded:  # FSDP2's no_sync: gradients accumulate unsharded until a pass with sync on
+            return no_sync(self.module)
         return self.dist.accelerator.no_sync(self.model)
+
+    def final_sync(self, final: bool = True) -> AbstractContextManager:
+        """Under FSDP, around the update's LAST backward pass (``final``): gradient sync on, so that
+        every unit reduce-scatters what it accumulated, once (in its post-backward hook, or in the
+        root's end-of-backward callback for the units this pass does not reach). Elsewhere, and
+        under DDP, nothing."""
+        return sync(self.module, True) if self.sharded and final else nullcontext()
 
     def trainable(self, active: list[str]) -> list[Tensor]:
         """Encoder parameters, the heads of ``active`` tasks and the weighting's learnable
@@ -336,6 +352,10 @@ class BackwardEngine:
         """One coalesced all-reduce (mean over ranks) of ``tensors`` and these parameters'
         gradients, in place. A parameter that got no gradient on this step contributes zeros so
         every rank sends the same layout. ``losses`` are this rank's losses behind them (see ``poison``)."""
+        if self.sharded:  # FSDP reduce-scattered the model's gradients in backward (final_sync)
+            params = [p for p in params if not is_dtensor(p)]
+            if not params and not tensors:
+                return
         grads = []
         for p in params:
             if p.grad is None:
@@ -357,6 +377,11 @@ class BackwardEngine:
         zeros. ``losses`` decide the NaN poisoning (``must_poison``): before backward, or, given
         as a function, when the block exits (some losses are computed inside it; the last bucket
         then waits for the exit, see ``OverlappedReduce``)."""
+        if self.sharded:  # FSDP reduce-scatters the model's gradients in this block's backward
+            with self.final_sync():
+                yield _Unarmed()
+            self.reduce_grads(params, losses() if callable(losses) else losses, tensors)
+            return
         if not self.overlap:  # the reference: one collective after the block
             yield _Unarmed()
             self.reduce_grads(params, losses() if callable(losses) else losses, tensors)

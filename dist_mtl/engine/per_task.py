@@ -22,8 +22,8 @@ backward, since every one of its T passes adds to the encoder's gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -45,6 +45,8 @@ class PerTaskEngine(BackwardEngine):
         def final(losses: Callable[[], dict]) -> AbstractContextManager:
             nonlocal reduced  # the reduction then happens inside the feature route's last piece
             reduced = True
+            if self.sharded:  # FSDP: sync is turned on for the encoder's backward only (feature_route)
+                return self._reduce_after(self.trainable(active), losses)
             return self.overlapped(self.trainable(active), losses)
 
         with self.local():
@@ -57,13 +59,22 @@ class PerTaskEngine(BackwardEngine):
                     losses = self.losses(batch)
                     terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
                     for i, name in enumerate(active):
-                        self.backward(terms[name] / accum, retain_graph=i < len(active) - 1)
+                        last = i == len(active) - 1
+                        with self.final_sync(last and m == accum - 1):  # FSDP: one reduce-scatter, here
+                            self.backward(terms[name] / accum, retain_graph=not last)
                     self.accumulate(totals, losses, accum)
         trained = {name: totals[name] for name in active}
         if not reduced:
             self.reduce_grads(self.trainable(active), trained)
         update(trained)
         return totals
+
+    @contextmanager
+    def _reduce_after(self, params, losses: Callable[[], dict]) -> Iterator[None]:
+        """Under FSDP: the plain tensors among ``params`` (the weighting's learned parameters)
+        all-reduced after the block; FSDP reduce-scatters the model's gradients inside it."""
+        yield
+        self.reduce_grads(params, losses())
 
     def feature_route(self, step: int, batch: Batch, active: list[str], accum: int,
                       earlier: dict[str, Tensor] | None = None,
@@ -97,5 +108,8 @@ class PerTaskEngine(BackwardEngine):
                         term = self.weighted_terms({name: loss}, step, accum, via={name: split})[name]
                         self.backward(term / accum)  # frees this head's graph
                 output = loss = term = None  # they hold the cut copy of z (its storage) and a head's graph
-                split.backward_encoder()
+                # FSDP: the step's last backward reduce-scatters every unit once, the heads' (accumulated
+                # unsharded, sync off) in the root's end-of-backward callback.
+                with self.final_sync(final is not None and k == len(pieces) - 1):
+                    split.backward_encoder()
         return losses
