@@ -991,9 +991,10 @@ def _validate_parallel(cfg: Config) -> None:
     if t.parallel != "fsdp":
         return
     backwards = {cfg.mtl.backward, *(p.backward for p in cfg.mtl.schedule if p.backward)}
-    _require("jacobian" not in backwards, "mtl.backward",
-             "jacobian is not supported with train.parallel=fsdp yet (autograd.grad of sharded parameters gives "
-             "local, unreduced gradients); allowed with fsdp: sum, per_task, alternate")
+    if "jacobian" in backwards:  # the Gramian route: aggregators that need J itself are refused
+        from .engine.jacobian_sharded import check_sharded_jacobian
+
+        check_sharded_jacobian(cfg.mtl.aggregator, cfg.mtl.jacobian_sync, cfg.mtl.jacobian_wrt)
     _require(t.mixed_precision != "fp16", "train.mixed_precision",
              "fp16 is not supported with train.parallel=fsdp (its loss scaler does not handle sharded gradients); "
              "use bf16 or no")

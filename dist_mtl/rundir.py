@@ -48,9 +48,10 @@ RESUMABLE = ("train.max_steps", "train.resume", "train.checkpoint_every", "train
              "train.eval_every", "train.eval_batch_size", "train.signal_check_every",
              "train.check_consistency_every", "train.collective_timeout_s", "train.checkpoint_required",
              "train.on_nonfinite", "train.max_consecutive_skips", "train.grad_accum", "train.deterministic",
-             "train.compile", "output_dir", "log.")
+             "train.compile", "train.parallel", "train.fsdp_units", "output_dir", "log.")
 """Config keys (or prefixes) that may differ between attempts of one run. None of them changes
-what a step computes: ``grad_accum``, the world size and ``compile`` change only float rounding
+what a step computes: ``grad_accum``, the world size, ``compile`` and ``parallel`` (DDP or FSDP
+sharding, and its units) change only float rounding
 (the N = 1 guarantee), ``max_steps`` extends (or reshapes the cosine tail of) the schedule, the
 rest are cadence, logging and failure handling."""
 

@@ -351,13 +351,6 @@ class Trainer:
     def save_checkpoint(self, done: int, required: bool) -> checkpoint.CheckpointError | None:
         """Checkpoint step ``done`` on every rank together. A failed write is logged; it is returned
         (to stop the run) when ``required``, else training goes on with the earlier checkpoints."""
-        if is_sharded(self.model):  # checkpoint.py saves whole (DDP) parameters; sharded ones come separately
-            if not getattr(self, "_warned_checkpoint", False) and self.dist.is_main:
-                self.progress.write("dist-mtl: warning: train.parallel=fsdp does not write checkpoints yet (sharded "
-                                    "checkpoints are a separate change); final/model.safetensors is written",
-                                    file=sys.stderr)
-            self._warned_checkpoint = True
-            return checkpoint.CheckpointError("train.parallel=fsdp does not write checkpoints yet") if required else None
         try:
             self.dist.sync_buffers(self.model)
             state = self.state_dict()

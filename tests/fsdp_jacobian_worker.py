@@ -3,9 +3,9 @@
 
 Launch:  python -m torch.distributed.run --nproc_per_node N tests/fsdp_jacobian_worker.py <outdir>
 
-On N > 1 processes the model is sharded with ``fully_shard`` (each block of the encoder, each head,
-then the root, on a CPU mesh) and stepped by ``ShardedJacobianEngine``; on one process it stays
-whole and is stepped by the DDP-path ``JacobianEngine``: the reference. Every case starts from the
+On N > 1 processes the model is sharded by ``dist_mtl.sharding.shard_model`` (FSDP2: each block of the
+encoder, the encoder, each head, then the root) and ``build_engine`` gives ``ShardedJacobianEngine``;
+on one process it stays whole and gets the DDP-path ``JacobianEngine``: the reference. Every case starts from the
 same seed and trains STEPS steps on the same global batches (SGD without momentum, which shows a
 wrong gradient scale). Rank 0 writes ``<outdir>/world<N>.pt``: the full parameters after each case,
 the bytes of the Gramian reduction, and the aggregator's last weights.
@@ -27,9 +27,10 @@ from dist_mtl.aggregation import build_aggregation  # noqa: E402
 from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.data import StepLoader, prepare  # noqa: E402
 from dist_mtl.distributed import Distributed  # noqa: E402
-from dist_mtl.engine import JacobianEngine, JacobianOptions  # noqa: E402
+from dist_mtl.engine import JacobianEngine, JacobianOptions, build_engine  # noqa: E402
 from dist_mtl.engine.jacobian_sharded import ShardedJacobianEngine  # noqa: E402
 from dist_mtl.models import build_model  # noqa: E402
+from dist_mtl.sharding import shard_model  # noqa: E402
 from dist_mtl.weighting import build_weighting  # noqa: E402
 
 STEPS = 3
@@ -42,20 +43,6 @@ CASES = {
     "upgrad_uncertainty": ("upgrad", 1, "uncertainty", False),
     "upgrad_nan_on_last_rank": ("upgrad", 1, "equal", True),
 }
-
-
-def shard(model: torch.nn.Module, world_size: int) -> None:
-    """FSDP2 on a CPU mesh: each Linear block of the encoder, each head, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world_size,))
-    for block in model.encoder.net:
-        if any(p.requires_grad for p in block.parameters(recurse=False)):
-            fully_shard(block, mesh=mesh)
-    for head in model.heads.values():
-        fully_shard(head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,14 +59,13 @@ def run_case(dist: Distributed, data, case: str, out: Path) -> dict:
     cfg = load_config(config, [], world_size=dist.world_size)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_dim, {t.name: t.out_dim for t in data.tasks})
-    if dist.world_size > 1:
-        shard(model, dist.world_size)
+    shard_model(model, dist)  # FSDP2 on 2 processes; on one, the model stays whole
     weighting = build_weighting(cfg)
     params = list(model.parameters()) + list(weighting.parameters(cfg.task_names))
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr)
     aggregate = build_aggregation(aggregator, {}, len(cfg.task_names), cfg.seed)
-    cls = ShardedJacobianEngine if dist.world_size > 1 else JacobianEngine
-    engine = cls(dist, model, data.tasks, weighting, aggregate, JacobianOptions())
+    engine = build_engine("jacobian", dist, model, data.tasks, weighting, aggregate, JacobianOptions())
+    assert isinstance(engine, ShardedJacobianEngine if dist.world_size > 1 else JacobianEngine)
     loader = StepLoader(data, cfg.train.batch_size, cfg.seed)
     gram_bytes, skipped = [], []
     for step in range(STEPS):

@@ -125,15 +125,16 @@ def test_fsdp_nan_on_one_rank_skips_on_every_rank(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, env, needle", [
-    (["mtl.backward=jacobian", "mtl.aggregator=upgrad", *FSDP], {},
-     "dist-mtl: error: mtl.backward: jacobian is not supported with train.parallel=fsdp"),
+    (["mtl.backward=jacobian", "mtl.aggregator=nashmtl", *FSDP], {},
+     "dist-mtl: error: mtl.aggregator: 'nashmtl' needs the whole Jacobian, which no rank holds under "
+     "train.parallel=fsdp; use one of mean, sum, upgrad"),
     (["train.mixed_precision=fp16", *FSDP], {},
      "dist-mtl: error: train.mixed_precision: fp16 is not supported with train.parallel=fsdp"),
     # launch/fsdp.yaml sets ACCELERATE_USE_FSDP; the config still says ddp
     ([], {"ACCELERATE_USE_FSDP": "true"},
      "dist-mtl: error: launched with FSDP (launch/fsdp.yaml) but the config has train.parallel=ddp; add "
      "train.parallel=fsdp"),
-], ids=["jacobian", "fp16", "fsdp-launch-ddp-config"])
+], ids=["jacobian-nashmtl", "fp16", "fsdp-launch-ddp-config"])
 def test_fsdp_refusals_are_one_line_exit_2(tmp_path, capsys, monkeypatch, overrides, env, needle):
     """In-process (``cli.main``, as ``dist-mtl train`` runs it): refused before any process group."""
     from dist_mtl.cli import main

@@ -7,6 +7,7 @@
 | alternate  | T forwards and T backwards     | T x (encoder + one head), one per task step   |
 | jacobian   | T encoder + 1 head backward    | global: T x encoder + heads; local: as sum    |
 | jacobian, wrt features | 1 batched head pass + 1 | T^2 (Gramian) + all trainable parameters  |
+| jacobian under FSDP2   | T (each reduce-scattered)     | accum x T x encoder + heads, reduce-scattered; T^2 |
 
 Every engine starts its gradient all-reduce during its final backward pass, in buckets (DDP's
 reducer for ``sum`` under DDP, ``dist_mtl.overlap`` otherwise; ``per_task``'s full route, T passes
@@ -23,6 +24,8 @@ from ..weighting import Weighting
 from .base import Batch, BackwardEngine, JacobianOptions, Piece, Update
 from .jacobian import JacobianEngine
 from .jacobian_features import FeatureJacobianEngine
+from .jacobian_sharded import ShardedJacobianEngine
+from ..sharding import is_sharded
 from .per_task import PerTaskEngine
 from .sum import SumEngine
 
@@ -39,8 +42,10 @@ def build_engine(name: str, dist: Distributed, model, tasks: list[Task], weighti
                  aggregate: Aggregation | None, options: JacobianOptions) -> BackwardEngine:
     """The engine registered as ``name``; ``jacobian`` with ``wrt: features`` is the MGDA-UB route."""
     cls = FeatureJacobianEngine if name == "jacobian" and options.wrt == "features" else BACKWARDS[name]
+    if cls is JacobianEngine and is_sharded(dist.accelerator.unwrap_model(model)):
+        cls = ShardedJacobianEngine  # FSDP2: no rank holds a whole parameter (see jacobian_sharded)
     return cls(dist, model, tasks, weighting, aggregate, options)
 
 
-__all__ = ["BACKWARDS", "Batch", "Piece", "FeatureJacobianEngine", "JacobianOptions", "build_engine", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine",
+__all__ = ["BACKWARDS", "Batch", "Piece", "FeatureJacobianEngine", "JacobianOptions", "build_engine", "BackwardEngine", "Update", "AlternateEngine", "JacobianEngine", "PerTaskEngine", "ShardedJacobianEngine",
            "SumEngine"]

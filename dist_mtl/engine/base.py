@@ -209,12 +209,12 @@ class BackwardEngine:
         self.bucket_bytes = BUCKET_BYTES
         """Bucket size of the all-reduces overlapped with backward (``overlapped``)."""
         self.overlap_counts = {"buckets": 0, "in_backward": 0, "early": 0}
+        """Buckets all-reduced by ``overlapped`` so far; how many of them left during a backward pass
+        (from a hook), and before the block's end (from a hook or ``mark_ready``)."""
         self.sharded = is_sharded(self.module)
         """FSDP2 (``train.parallel: fsdp``): the model's gradients are reduce-scattered by FSDP in
         the update's last backward pass (``final_sync``), not all-reduced by the engine; only the
         plain tensors outside the model (the weighting's learned parameters) are."""
-        """Buckets all-reduced by ``overlapped`` so far; how many of them left during a backward pass
-        (from a hook), and before the block's end (from a hook or ``mark_ready``)."""
 
     def set_counts(self, counts: dict[str, float], accum: int, complete: set[str] | frozenset = frozenset()) -> None:
         """This step's global count C_t of labelled elements of each task (every rank, every

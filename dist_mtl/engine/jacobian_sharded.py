@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..nonfinite import all_finite
+from ..sharding import local, no_sync, sync
 from .base import Batch, BackwardEngine, Update, conflict_stats
 
 SHARDED_AGGREGATORS = ("mean", "sum", "upgrad", "dualproj", "mgda", "pcgrad", "cagrad", "imtlg", "alignedmtl",
@@ -57,33 +58,32 @@ def check_sharded_jacobian(aggregator: str | None, sync: str, wrt: str) -> None:
                           f"train.parallel=fsdp; use one of {', '.join(SHARDED_AGGREGATORS)}, or train.parallel=ddp")
 
 
-def _local(grad: Tensor) -> Tensor:
-    """This rank's shard of a (DTensor) gradient; a plain tensor as is (one process, no FSDP)."""
-    return grad.to_local() if hasattr(grad, "to_local") else grad
-
-
 class ShardedJacobianEngine(BackwardEngine):
     def run(self, step: int, micro_batches: list[Batch], update: Update, active: list[str]) -> dict[str, Tensor]:
         accum, tasks = len(micro_batches), len(active)
         shared = self.module.shared_parameters()
         learned = self.weighting.parameters(active)  # plain tensors outside FSDP: reduced by us
-        sizes = [_local(p).numel() for p in shared]  # this rank's shard of each parameter
+        sizes = [local(p).numel() for p in shared]  # this rank's shard of each parameter
         rows = torch.zeros(tasks, sum(sizes), dtype=torch.float32, device=self.dist.device)
         totals: dict[str, Tensor] = {}
-        for batch in micro_batches:
+        for m, batch in enumerate(micro_batches):
             losses = self.losses(batch)
             self.accumulate(totals, losses, accum)
-            terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
+            with no_sync(self.module):  # GradNorm's autograd.grad passes must not reduce-scatter anything
+                terms = self.weighted_terms({name: losses[name] for name in active}, step, accum)
             for t, name in enumerate(active):
-                # FSDP reduce-scatters this pass: the shared grads are then this task's global ones
-                self.backward(terms[name] / accum, retain_graph=t < tasks - 1)
+                # Sync on for every pass: FSDP's unsharded gradient buffer would mix the tasks. After it,
+                # the shared grads hold this rank's shard of this task's global gradient.
+                with sync(self.module):
+                    self.backward(terms[name] / accum, retain_graph=t < tasks - 1)
+                last = m == accum - 1 and t == tasks - 1  # its grads stay, to take the combination
                 offset = 0
                 with torch.no_grad():
                     for p, size in zip(shared, sizes):
                         if p.grad is not None:
-                            rows[t, offset:offset + size] += _local(p.grad).reshape(-1).float()
-                            if not (t == tasks - 1 and batch is micro_batches[-1]):
-                                p.grad = None  # the next task's pass starts from nothing
+                            rows[t, offset:offset + size] += local(p.grad).reshape(-1).float()
+                            if not last:
+                                p.grad = None  # the next pass starts from nothing
                         offset += size
         trained = {name: totals[name] for name in active}
         gram = rows.double() @ rows.double().T  # this rank's share: its shards' products
@@ -102,7 +102,7 @@ class ShardedJacobianEngine(BackwardEngine):
                 part = combined[offset:offset + size]
                 if p.grad is None:  # no task reached it at the last pass: build it from the shard
                     p.grad = torch.zeros_like(p)
-                _local(p.grad).copy_(part.view_as(_local(p.grad)).to(_local(p.grad).dtype))
+                local(p.grad).copy_(part.view_as(local(p.grad)).to(local(p.grad).dtype))
                 offset += size
         if self.collect_stats:
             self.stats = conflict_stats(gram, active, weights)

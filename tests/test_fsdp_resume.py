@@ -1,0 +1,88 @@
+"""FSDP2 runs of the real CLI (``train.parallel=fsdp``) that other test files do not cover: the
+``jacobian`` engine against one process, and sharded checkpoints killed and resumed, on 2 processes
+or on another world size or on DDP. The engine cells of ``sum``, ``per_task`` and ``alternate`` are in
+tests/test_fsdp.py; the checkpoint functions themselves in tests/test_fsdp_checkpoint.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import SGD, TINY, assert_params_close, assert_world_size, launch_missing, launch_together, \
+    weights_equal, write_config
+
+pytestmark = pytest.mark.slow
+
+FSDP = ["train.parallel=fsdp"]
+RTOL = 1e-5
+_runs: dict = {}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("fsdp_cli") / "tiny.yaml", TINY)
+
+
+def jacobian_run(config, aggregator: str, accum: int, nproc: int):
+    overrides = [*SGD, "mtl.backward=jacobian", f"mtl.aggregator={aggregator}", f"train.grad_accum={accum}"]
+    key = (aggregator, accum, nproc)
+    [run] = launch_missing(_runs, [key], lambda k: {
+        "config": config, "output_dir": config.parent / f"jacobian_{aggregator}_{accum}_{nproc}",
+        "overrides": overrides + (FSDP if nproc > 1 else []), "nproc": nproc})
+    return run
+
+
+@pytest.mark.parametrize("aggregator, accum", [("upgrad", 1), ("upgrad", 2), ("mgda", 1), ("mgda", 2)])
+def test_jacobian_under_fsdp_gives_the_one_process_parameters(config, aggregator, accum):
+    missing = [(aggregator, accum, n) for n in (1, 2) if (aggregator, accum, n) not in _runs]
+    if missing:  # the 2-process cell and its 1-process reference start together
+        for key, run in zip(missing, launch_together(*[{
+                "config": config, "output_dir": config.parent / f"jacobian_{aggregator}_{accum}_{n}",
+                "overrides": [*SGD, "mtl.backward=jacobian", f"mtl.aggregator={aggregator}",
+                              f"train.grad_accum={accum}", *(FSDP if n > 1 else [])], "nproc": n}
+                for (_, _, n) in missing])):
+            _runs[key] = run.check()
+    one, two = _runs[(aggregator, accum, 1)], _runs[(aggregator, accum, 2)]
+    assert_world_size(two, 2)
+    assert two.json("run.json")["parallel"] == "fsdp"
+    assert_params_close(two, one, RTOL, f"jacobian+{aggregator} accum {accum}")
+
+
+@pytest.fixture(scope="module")
+def killed_and_reference(config):
+    """An uninterrupted FSDP run and one killed after step 12 (checkpoints at 5 and 10), together."""
+    args = [*SGD, *FSDP, "train.checkpoint_every=5", "mtl.backward=per_task", "train.optimizer=adamw"]
+    reference, killed = launch_together(
+        {"config": config, "output_dir": config.parent / "reference", "overrides": args, "nproc": 2},
+        {"config": config, "output_dir": config.parent / "killed", "overrides": args, "nproc": 2,
+         "env": {"DIST_MTL_FAULT": "kill@12"}})
+    reference.check()
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (killed.output_dir / "checkpoints").iterdir()) == ["step_10", "step_5"]
+    assert (killed.output_dir / "checkpoints" / "step_10" / "sharded" / ".metadata").is_file()
+    return reference, killed, args
+
+
+def test_a_killed_fsdp_run_resumes_bitwise(config, killed_and_reference, tmp_path):
+    reference, killed, args = killed_and_reference
+    out = tmp_path / "resumed"
+    shutil.copytree(killed.output_dir, out)
+    [resumed] = launch_together({"config": config, "output_dir": out, "overrides": args, "nproc": 2})
+    resumed.check()
+    assert resumed.json("run.json")["start_step"] == 10
+    assert weights_equal(out / "final/model.safetensors", reference.output_dir / "final/model.safetensors")
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_and_on_ddp(config, killed_and_reference, tmp_path):
+    reference, killed, args = killed_and_reference
+    for name in ("one", "ddp"):
+        shutil.copytree(killed.output_dir, tmp_path / name)
+    ddp_args = [a for a in args if a not in FSDP] + ["train.parallel=ddp"]
+    one, ddp = launch_together({"config": config, "output_dir": tmp_path / "one", "overrides": args, "nproc": 1},
+                               {"config": config, "output_dir": tmp_path / "ddp", "overrides": ddp_args, "nproc": 2})
+    for run, world in ((one, 1), (ddp, 2)):
+        run.check()
+        assert_world_size(run, world)
+        assert run.json("run.json")["start_step"] == 10
+        assert_params_close(run, reference, RTOL, f"resumed on {run.output_dir.name}")
