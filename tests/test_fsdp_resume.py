@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from conftest import SGD, TINY, assert_params_close, assert_world_size, launch_missing, launch_together, \
-    weights_equal, write_config
+from conftest import SGD, TINY, assert_params_close, assert_world_size, launch_together, weights_equal, write_config
+from test_fsdp import ENCODER, HEAD
 
 pytestmark = pytest.mark.slow
 
@@ -24,29 +24,24 @@ def config(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("fsdp_cli") / "tiny.yaml", TINY)
 
 
-def jacobian_run(config, aggregator: str, accum: int, nproc: int):
-    overrides = [*SGD, "mtl.backward=jacobian", f"mtl.aggregator={aggregator}", f"train.grad_accum={accum}"]
-    key = (aggregator, accum, nproc)
-    [run] = launch_missing(_runs, [key], lambda k: {
-        "config": config, "output_dir": config.parent / f"jacobian_{aggregator}_{accum}_{nproc}",
-        "overrides": overrides + (FSDP if nproc > 1 else []), "nproc": nproc})
-    return run
-
-
 @pytest.mark.parametrize("aggregator, accum", [("upgrad", 1), ("upgrad", 2), ("mgda", 1), ("mgda", 2)])
 def test_jacobian_under_fsdp_gives_the_one_process_parameters(config, aggregator, accum):
     missing = [(aggregator, accum, n) for n in (1, 2) if (aggregator, accum, n) not in _runs]
     if missing:  # the 2-process cell and its 1-process reference start together
         for key, run in zip(missing, launch_together(*[{
                 "config": config, "output_dir": config.parent / f"jacobian_{aggregator}_{accum}_{n}",
-                "overrides": [*SGD, "mtl.backward=jacobian", f"mtl.aggregator={aggregator}",
-                              f"train.grad_accum={accum}", *(FSDP if n > 1 else [])], "nproc": n}
+                "overrides": [*SGD, "mtl.backward=jacobian", f"mtl.aggregator={aggregator}", "log.comm_bytes=true",
+                              "log.every=1", f"train.grad_accum={accum}", *(FSDP if n > 1 else [])], "nproc": n}
                 for (_, _, n) in missing])):
             _runs[key] = run.check()
     one, two = _runs[(aggregator, accum, 1)], _runs[(aggregator, accum, 2)]
     assert_world_size(two, 2)
     assert two.json("run.json")["parallel"] == "fsdp"
     assert_params_close(two, one, RTOL, f"jacobian+{aggregator} accum {accum}")
+    # Each task's pass reduce-scatters the encoder (per micro-step: FSDP's unsharded gradient buffer
+    # cannot keep tasks apart) and its own head: accum x T x encoder + accum x heads.
+    traffic = {m["perf/comm_bytes"] for m in two.metrics() if "perf/comm_bytes" in m}
+    assert traffic == {accum * 3 * (ENCODER + HEAD)}
 
 
 @pytest.fixture(scope="module")
