@@ -26,6 +26,8 @@ block. Rows:
 8. compile     ``benchmarks/compile.py``: ``train.compile`` against eager, per engine (1 process).
 9. peer        ``benchmarks/peers.py``: our step time / LibMTL's and torchjd's own, and the relative
                difference of the combined gradient on the same batch (1 process).
+10. fsdp       ``benchmarks/fsdp.py``: FSDP2 against DDP on 2 processes: parameter + gradient +
+               optimizer-state bytes per rank, reduce-scattered bytes per engine, step time.
 Also the fraction of DDP's all-reduce time hidden behind backward (2 processes).
 Writes ``benchmarks/results.json`` ("suite", next to jacobian.py's "jacobian"); ``--skip`` leaves
 out a section that has its own script (each also runs alone).
@@ -65,7 +67,7 @@ from dist_mtl.weighting import build_weighting  # noqa: E402
 HIDDEN, BATCH = 256, 256
 MEMORY_SHAPE = (2048, 1024)  # batch, hidden of the peak-memory rows
 SCALING_SIZES = [64, 256, 1024]
-OWN_SCRIPT = {"overlap": "overlap.py", "compile": "compile.py", "peer": "peers.py"}
+OWN_SCRIPT = {"overlap": "overlap.py", "compile": "compile.py", "peer": "peers.py", "fsdp": "fsdp.py"}
 """The sections measured by a script of their own, which ``main`` runs and folds into the table."""
 COMM_MODES = {"sum": ("sum", None, "global", "params"), "per_task": ("per_task", None, "global", "params"),
               "alternate": ("alternate", None, "global", "params"),
@@ -367,8 +369,8 @@ def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str, script: 
 def own_sections(args: argparse.Namespace, two: bool, skipped: list[str]) -> dict[str, dict]:
     """Run the sections that have a script of their own (``OWN_SCRIPT``) and return each one's
     result (``{"rows": [{"section", "what", "ratio", "target", ...}], ...}``). Under ``--gpu`` they
-    are left out, saying why: overlap needs 2 processes on CPU here and compile and peer are CPU
-    measurements; a section named by ``--skip`` or left out by ``--overhead-only`` likewise."""
+    are left out, saying why: overlap and fsdp need 2 processes on CPU here and compile and peer
+    are CPU measurements; a section named by ``--skip`` or left out by ``--overhead-only`` likewise."""
     if args.overhead_only:  # said once, by main
         return {}
     wanted = [name for name in OWN_SCRIPT if name not in args.skip]
@@ -377,9 +379,10 @@ def own_sections(args: argparse.Namespace, two: bool, skipped: list[str]) -> dic
     if args.gpu:
         skipped += [f"the {name} rows: CPU measurements (python benchmarks/{OWN_SCRIPT[name]} on CPU)" for name in wanted]
         return {}
-    if not two and "overlap" in wanted:
-        wanted.remove("overlap")
-        skipped.append("the overlap rows: they need 2 processes")
+    for name in ("overlap", "fsdp"):
+        if not two and name in wanted:
+            wanted.remove(name)
+            skipped.append(f"the {name} rows: they need 2 processes")
     sections = {}
     if "overlap" in wanted:
         from overlap import overlap_rows
@@ -389,6 +392,10 @@ def own_sections(args: argparse.Namespace, two: bool, skipped: list[str]) -> dic
         from compile import compile_rows
 
         sections["compile"] = compile_rows(args.quick)
+    if "fsdp" in wanted:
+        from fsdp import fsdp_rows
+
+        sections["fsdp"] = fsdp_rows(args.quick)
     if "peer" in wanted:  # its own process: LibMTL's imports and the 1-thread setting stay out of this one
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "peers.json"

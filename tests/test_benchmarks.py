@@ -26,7 +26,8 @@ def test_benchmark_suite_quick(tmp_path):
     results = json.loads(out.read_text())
     rows = {row["what"]: row["ratio"] for row in results["suite"]["rows"]}
     assert {row["section"] for row in results["suite"]["rows"]} == {"overhead", "per_task", "jacobian", "scaling",
-                                                                      "comm", "data", "overlap", "peer"}
+                                                                      "comm", "data", "overlap", "peer",
+                                                                      "fsdp"}
     assert any("--skip compile" in reason for reason in results["suite"]["skipped"])
     assert all(ratio > 0 for what, ratio in rows.items()
                if "hidden" not in what and "difference" not in what and ratio is not None)
@@ -45,6 +46,13 @@ def test_benchmark_suite_quick(tmp_path):
     # the representation route: the gradients once, plus the T x T Gramian and a few numbers besides
     features = rows["all-reduced bytes / parameter bytes, jacobian+upgrad (features)"]
     assert 1.0 < features < 1.0 + 64 * 4 / ((encoder + 4 * head) * 4)
+    # FSDP2: every rank holds half of what it holds under DDP (counted, not timed), and reduce-scatters
+    # each engine's minimal bytes (the padding of odd first dimensions aside)
+    assert rows["parameter + gradient + optimizer-state bytes per rank, FSDP / DDP, 2 processes"] == \
+        pytest.approx(0.5, abs=0.01)
+    for mode, ratio in {"sum": 1.0, "per_task": 1.0, "alternate": exact["alternate"],
+                        "jacobian+upgrad": exact["jacobian+upgrad (global)"]}.items():
+        assert rows[f"reduce-scattered bytes / parameter bytes, {mode}"] == pytest.approx(ratio, rel=0.01), mode
     jacobian = {row["variant"] for row in results["jacobian"]["rows"]}
     assert {"sum", "jacobian+upgrad (features)", "libmtl-loop+mgda"} <= jacobian
     assert "QUICK: not a measurement" in proc.stdout
