@@ -358,8 +358,11 @@ class TrainConfig:
     all-reduced) or ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
     sharded over the processes; each sharding unit is all-gathered for its forward and backward and
     its gradients are reduce-scattered once per update). Launch with ``launch/fsdp.yaml`` or any
-    launcher; on one process it trains unsharded. Engines ``sum``, ``per_task`` and ``alternate``
-    are exact under it; ``jacobian``, fp16, ``train.compile`` and ``log.grad_conflict`` are refused."""
+    launcher; on one process it trains unsharded. Every engine is exact under it; ``jacobian`` takes
+    the aggregators whose weights depend on the Gramian only (docs/fsdp.md), with
+    ``jacobian_sync: global`` and ``jacobian_wrt: params``. fp16, ``train.compile`` and
+    ``log.grad_conflict`` are refused. Checkpoints are sharded (torch.distributed.checkpoint) and
+    resume on any world size, under DDP too."""
     fsdp_units: list[str] | None = None
     """With ``parallel: fsdp``, the class names of the modules that form the sharding units (each
     module of those classes in the encoder and the heads, innermost first; the whole model is the
@@ -981,7 +984,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _validate_parallel(cfg: Config) -> None:
-    """``train.parallel: fsdp``: what FSDP2 sharding does not support yet, refused in one line."""
+    """``train.parallel: fsdp``: what FSDP2 sharding does not support, refused in one line."""
     t = cfg.train
     _require(t.fsdp_units is None or t.parallel == "fsdp", "train.fsdp_units",
              "applies with train.parallel: fsdp only; remove it or set train.parallel=fsdp")
