@@ -105,6 +105,15 @@ def shard_model(model: nn.Module, dist, units: list[str] | None = None, mixed_pr
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in ("encode", "heads_forward"):
         register_fsdp_forward_method(model, method)
+    if mixed_precision == "bf16":
+        # torch 2.13's FSDP2, with a reduce dtype apart from the parameter dtype and gradient sync
+        # off, ends every backward by upcasting each unit's gradient, reading a field that a unit
+        # only has once it has been all-gathered: a backward before some unit's first forward (the
+        # per_task feature route's first head, at step 0) fails. One all-gather of each unit now
+        # (a unit at a time, then freed) creates it.
+        for unit in fsdp_modules(model):
+            unit.unshard()
+            unit.reshard()
     model._dist_mtl_sharded = True
     model._dist_mtl_units = len(chosen) + 1
     return model
