@@ -106,7 +106,7 @@ class PerTaskEngine(BackwardEngine):
                     losses[name] = loss.detach()
                     if trains:
                         term = self.weighted_terms({name: loss}, step, accum, via={name: split})[name]
-                        self.backward(term / accum)  # frees this head's graph
+                        self.backward(term if accum == 1 else term / accum)  # frees this head's graph
                 output = loss = term = None  # they hold the cut copy of z (its storage) and a head's graph
                 # FSDP: the step's last backward reduce-scatters every unit once, the heads' (accumulated
                 # unsharded, sync off) in the root's end-of-backward callback.
