@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in [("train", "train a model; writes config.yaml, run.json, metrics.jsonl, checkpoints/, "
                                  "final/model.safetensors and wandb/ under output_dir"),
                        ("validate", "check a config and print it fully resolved, without training; with "
-                                    "class paths or data.source: python, also build the model and data and push "
-                                    "a batch of 2 items through the model and the losses")]:
+                                    "class paths, data.source: python or train.parallel: fsdp, also build the model "
+                                    "and data and push a batch of 2 items through the model and the losses")]:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", help="YAML config file (see configs/)")
         sub.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
-            if cfg.data.source == "python" or _has_plugins(cfg):  # build them and push a tiny batch through
+            # build them and push a tiny batch through (fsdp: also what FSDP2 cannot shard in this model)
+            if cfg.data.source == "python" or _has_plugins(cfg) or cfg.train.parallel == "fsdp":
                 from .trainer import check_one_batch
 
                 losses = check_one_batch(cfg)

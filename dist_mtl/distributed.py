@@ -67,6 +67,9 @@ def check_not_sharded(model: nn.Module) -> None:
     assume whole parameters it reduces itself."""
     wrapped = [m for m in model.modules() if type(m).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel")
                or type(m).__name__.startswith("FSDP")]
+    if getattr(model, "_dist_mtl_sharded", False):
+        raise UsageError("fit(model=...): this model was sharded in place by an earlier fit with "
+                         "train.parallel=fsdp (its parameters are now shards); build a new model for each fit")
     if wrapped:
         raise UsageError(f"fit(model=...): the model is already wrapped ({type(wrapped[0]).__name__}); pass the "
                          "plain MultiTaskModel: dist-mtl wraps it for the processes it was launched with")

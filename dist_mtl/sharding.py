@@ -84,6 +84,39 @@ def named_units(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return units
 
 
+def plan_units(model: nn.Module, units: list[str] | None = None) -> list[nn.Module]:
+    """The modules ``shard_model`` makes sharding units, innermost first (the whole model comes
+    last, besides these), checked for what FSDP2 cannot shard. A unit must hold every module that
+    uses one of its parameters: FSDP2 refuses a parameter managed by two units (tied weights).
+    Default units that split a tie are left to the smallest enclosing unit (the encoder, or the
+    whole model); a class named in ``units`` (``train.fsdp_units``) that splits one is a
+    ConfigError naming the parameter. A 0-dim parameter is a ConfigError (FSDP2 shards along the
+    first dimension). Free: no collective; ``dist-mtl validate`` runs it too."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+        if p.dim() == 0:
+            raise ConfigError("train.parallel", f"fsdp cannot shard the 0-dim parameter {name!r} (FSDP2 shards "
+                              "along the first dimension); make it 1-D, e.g. nn.Parameter(torch.tensor([x])), or use "
+                              "train.parallel=ddp")
+    users: dict[int, set[int]] = {}  # parameter -> the modules that register it
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), set()).add(id(m))
+    chosen = default_units(model) if units is None else named_units(model, units)
+    kept = []
+    for unit in chosen:
+        inside = {id(m) for m in unit.modules()}
+        split = next((names[id(p)] for p in unit.parameters() if not users[id(p)] <= inside), None)
+        if split is None:
+            kept.append(unit)
+        elif units is not None:
+            raise ConfigError("train.fsdp_units", f"a {type(unit).__name__} unit would split the tied parameter "
+                              f"{split!r} (a module outside it uses it too); name a class that holds every module "
+                              "using it, or leave train.fsdp_units unset")
+    return kept
+
+
 def shard_model(model: nn.Module, dist, units: list[str] | None = None, mixed_precision: str = "no") -> nn.Module:
     """Shard ``model`` (a ``MultiTaskModel``) in place over every process with FSDP2 and return it.
 
@@ -92,6 +125,7 @@ def shard_model(model: nn.Module, dist, units: list[str] | None = None, mixed_pr
     (``MixedPrecisionPolicy``). On one process the model is returned unsharded (there is nothing
     to shard over). Cost: one copy of each parameter's shard; the unsharded parameters are freed.
     Parameter names (``state_dict``, ``named_parameters``) are unchanged."""
+    chosen = plan_units(model, units)  # also on one process: the same errors as on N
     if not dist.distributed:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -99,7 +133,6 @@ def shard_model(model: nn.Module, dist, units: list[str] | None = None, mixed_pr
     mesh = dist.device_mesh()
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" else MixedPrecisionPolicy())
-    chosen = default_units(model) if units is None else named_units(model, units)
     for unit in chosen:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -183,7 +216,16 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     in CPU memory on the main process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from .state import split_aliases
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # The gather copies each name separately; a tie (one parameter, two names) becomes one tensor
+    # again, so that the file holds it once with the alias in its metadata, as under DDP.
+    _, aliases = split_aliases({name: local(value) for name, value in model.state_dict().items()})
+    for alias, name in aliases.items():
+        if alias in full and name in full:
+            full[alias] = full[name]
+    return full
 
 
 def local_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

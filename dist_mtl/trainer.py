@@ -35,7 +35,7 @@ from .nonfinite import NonFiniteError, NonFiniteGuard
 from .tracking import Tracker, git_commit
 from .vanishing import VanishingLossMonitor
 from .schedule import Schedule, TaskSampler
-from .sharding import count_traffic, full_state_dict, is_dtensor, is_sharded, shard_model
+from .sharding import count_traffic, full_state_dict, is_dtensor, is_sharded, plan_units, shard_model
 from .summary import format_summary
 from .weighting import StepResult, Weighting, build_weighting
 
@@ -636,6 +636,8 @@ def check_one_batch(cfg: Config, model: nn.Module | None = None, tasks: list[Tas
     data = build_data(cfg, tasks, train_data, val_data, collate_fn)
     torch.manual_seed(cfg.seed)
     model = build_full_model(cfg, data, model)
+    if cfg.train.parallel == "fsdp":  # what FSDP2 cannot shard (0-dim parameters, units splitting a tie)
+        plan_units(model, cfg.train.fsdp_units)
     losses = {}
     with torch.no_grad():
         for group in data.groups:

@@ -1,7 +1,8 @@
 """A few SGD steps of the ``jacobian`` engine, sharded with FSDP2 on N processes or whole on one
 (used by test_fsdp_jacobian.py).
 
-Launch:  python -m torch.distributed.run --nproc_per_node N tests/fsdp_jacobian_worker.py <outdir>
+Launch:  python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_jacobian_worker.py <outdir>
+         python tests/fsdp_jacobian_worker.py <outdir>     (the 1-process reference)
 
 On N > 1 processes the model is sharded by ``dist_mtl.sharding.shard_model`` (FSDP2: each block of the
 encoder, the encoder, each head, then the root) and ``build_engine`` gives ``ShardedJacobianEngine``;
@@ -13,6 +14,7 @@ the bytes of the Gramian reduction, and the aggregator's last weights.
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +32,7 @@ from dist_mtl.distributed import Distributed  # noqa: E402
 from dist_mtl.engine import JacobianEngine, JacobianOptions, build_engine  # noqa: E402
 from dist_mtl.engine.jacobian_sharded import ShardedJacobianEngine  # noqa: E402
 from dist_mtl.models import build_model  # noqa: E402
-from dist_mtl.sharding import shard_model  # noqa: E402
+from dist_mtl.sharding import full_state_dict, local, shard_model  # noqa: E402
 from dist_mtl.weighting import build_weighting  # noqa: E402
 
 STEPS = 3
@@ -77,9 +79,11 @@ def run_case(dist: Distributed, data, case: str, out: Path) -> dict:
         before = dist.grad_bytes
 
         def update(losses, task=None):
-            grads = [p.grad for p in params if p.grad is not None]
-            finite = all(bool(torch.isfinite(full(g)).all()) for g in grads)
-            if finite:
+            # This rank's shards, then one flag made global: the same collectives on every rank
+            # whatever each holds (a rank's shard of a 1-row head is empty)
+            mine = all(bool(torch.isfinite(local(p.grad)).all()) for p in params if p.grad is not None)
+            flag = dist.min_max(torch.tensor([float(mine)]))[0]
+            if bool(flag.item()):
                 optimizer.step()
             else:
                 skipped.append(step)
@@ -87,7 +91,8 @@ def run_case(dist: Distributed, data, case: str, out: Path) -> dict:
 
         engine.run(step, batch, update, cfg.task_names)
         gram_bytes.append(dist.grad_bytes - before)
-    state = {name: full(p) for name, p in model.named_parameters()}
+    # the trainer's own gather (final/model.safetensors): the full state on rank 0
+    state = full_state_dict(model) if dist.world_size > 1 else {k: v.clone() for k, v in model.state_dict().items()}
     state.update({f"weighting.{i}": full(p) for i, p in enumerate(weighting.parameters(cfg.task_names))})
     return {"params": state, "grad_bytes": gram_bytes, "skipped": skipped,
             "weights": None if aggregate.last_weights is None else aggregate.last_weights.clone()}
@@ -100,7 +105,15 @@ def main() -> None:
     config = out / f"base{dist.world_size}.yaml"
     config.write_text(yaml.safe_dump(TINY))
     data = prepare(load_config(config, [], world_size=dist.world_size))
-    result = {"world_size": dist.world_size, "cases": {case: run_case(dist, data, case, out) for case in CASES}}
+    result = {"world_size": dist.world_size, "cases": {}}
+    for case in CASES:
+        print(f"rank{dist.rank} case {case}", file=sys.stderr, flush=True)
+        result["cases"][case] = run_case(dist, data, case, out)
+        # The last case's FSDP model, freed before the next one's collectives start: left to the
+        # garbage collector, it was freed at different moments on the two ranks, and 1 run in 2
+        # under load then failed with a gloo size mismatch in the next model's all-gather (torch
+        # 2.13, gloo). The trainer builds one model per process.
+        gc.collect()
     if dist.is_main:
         torch.save(result, out / f"world{dist.world_size}.pt")
     dist.shutdown()

@@ -282,3 +282,28 @@ def test_an_unused_submodule_needs_find_unused_parameters_and_gradnorm_skips_it(
         in refused.stderr and "Expected to have finished reduction" not in refused.stderr
     norms = [m["gradnorm/norm/a"] for m in gradnorm.metrics() if "gradnorm/norm/a" in m]
     assert norms and all(n > 0 for n in norms)
+
+
+def test_tied_weights_under_fsdp_train_as_on_one_process_and_resume_bitwise(byo, tmp_path):
+    """FSDP2 refuses a parameter held by two units: the tied encoder's Linear blocks are left to the
+    encoder unit. The final file is the one DDP writes (the tie once, its alias in the metadata), and
+    a sharded checkpoint of the tied model resumes bit for bit."""
+    from conftest import launch
+
+    fsdp_args = ("train.parallel=fsdp", "train.checkpoint_every=3")
+    reference, sharded = byo(("tied", ("train.checkpoint_every=3",), 1, "accelerate"), ("tied", fsdp_args, 2, "accelerate"))
+    assert sharded.json("run.json")["sharded"]
+    assert_params_close(sharded, reference, FP32_RTOL, "tied, fsdp")  # (also: the same names in both files)
+    from safetensors import safe_open
+
+    with safe_open(str(sharded.output_dir / "final/model.safetensors"), "pt") as f:
+        assert "encoder.up.weight" not in f.keys()
+        assert json.loads(f.metadata()["dist_mtl.aliases"]) == {"encoder.up.weight": "encoder.down.weight"}
+    out = tmp_path / "killed"
+    config = reference.output_dir.parent / "small.yaml"
+    args = [*SGD, *fsdp_args]
+    killed = launch(config, out, args, nproc=2, script=[*SCRIPT, "tied"], env={"DIST_MTL_FAULT": "kill@5"})
+    assert killed.returncode != 0
+    resumed = launch(config, out, args, nproc=2, script=[*SCRIPT, "tied"]).check()
+    assert resumed.json("run.json")["start_step"] == 3
+    assert weights_equal(out / "final/model.safetensors", sharded.output_dir / "final/model.safetensors")

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import (FP32_RTOL, SGD, TINY, assert_params_close, assert_world_size, launch_missing, launch_together,
@@ -166,3 +167,48 @@ def test_fsdp_units_names_classes_of_the_model():
     assert len(named) == 4 and all(type(u).__name__ == "Linear" for u in named)
     with pytest.raises(ConfigError, match=r"train.fsdp_units: no module of class 'Linaer' in the model.*'Linear'"):
         named_units(model, ["Linaer"])
+
+
+def test_units_that_split_a_tie_are_left_to_the_enclosing_one_and_scalars_are_refused():
+    """FSDP2 refuses a parameter managed by two units and 0-dim parameters: what ``plan_units`` (run
+    by ``shard_model`` and ``dist-mtl validate``) does about each, without any process group."""
+    from byo_models import TiedEncoder
+
+    from dist_mtl.errors import ConfigError
+    from dist_mtl.models import MultiTaskModel
+    from dist_mtl.sharding import plan_units
+
+    tied = MultiTaskModel(encoder=TiedEncoder(), heads={"a": torch.nn.Linear(16, 1)})
+    units = plan_units(tied)
+    assert [type(u).__name__ for u in units] == ["TiedEncoder", "Linear"]  # down/up (tied) left to the encoder
+    assert units[0] is tied.encoder and units[1] is tied.heads["a"]
+    with pytest.raises(ConfigError, match=r"train.fsdp_units: a Linear unit would split the tied parameter "
+                                          r"'encoder.down.weight'"):
+        plan_units(tied, ["Linear"])
+    assert plan_units(tied, ["TiedEncoder"]) == [tied.encoder]
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.scale, self.out_dim = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.tensor(1.5)), 4
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    with pytest.raises(ConfigError, match=r"train.parallel: fsdp cannot shard the 0-dim parameter 'encoder.scale'"):
+        plan_units(MultiTaskModel(encoder=Scaled(), heads={"a": torch.nn.Linear(4, 1)}))
+
+
+def test_validate_checks_the_sharding_units_before_a_cluster_does(tmp_path, capsys):
+    """``dist-mtl validate`` (one process, no process group) refuses a train.fsdp_units that matches
+    nothing, as the N-process run would, instead of passing it."""
+    from dist_mtl.cli import main
+
+    config = write_config(tmp_path / "tiny.yaml", BASE)
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", str(config), *FSDP, "train.fsdp_units=[Nope]"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith(
+        "dist-mtl: error: train.fsdp_units: no module of class 'Nope' in the model"), err
+    assert "Traceback" not in err

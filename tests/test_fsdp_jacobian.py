@@ -23,10 +23,13 @@ RTOL = 1e-5  # measured: 3e-8 .. 3.5e-7
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("fsdp_jacobian")
-    procs = {n: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                                  "--master_port", str(free_port()), str(REPO / "tests" / "fsdp_jacobian_worker.py"),
-                                  str(out)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for n in (1, 2)}
+    worker = str(REPO / "tests" / "fsdp_jacobian_worker.py")
+    # One process runs without a launcher: only one rendezvous port to pick, so none can collide.
+    commands = {1: [sys.executable, worker, str(out)],
+                2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), worker, str(out)]}
+    procs = {n: subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for n, cmd in commands.items()}
     for n, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{n} process(es) failed\n{stdout[-2000:]}\n{stderr[-5000:]}"
