@@ -18,7 +18,6 @@ behind them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from run import Ours, Setup, interleaved  # noqa: E402
+from run import worker_parser, Ours, Setup, interleaved  # noqa: E402
 
 from dist_mtl.compiled import compile_model  # noqa: E402
 from dist_mtl.distributed import Distributed  # noqa: E402
@@ -105,11 +104,7 @@ def compile_rows(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = worker_parser(__doc__).parse_args(argv)
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args.worker, args.quick)))
         return {}

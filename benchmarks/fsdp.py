@@ -25,11 +25,8 @@ Model: the benchmark MLP 64-1024x4 with T = 4 heads (about 3.2 M parameters), ba
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from run import Ours, Setup, interleaved, spawn  # noqa: E402
+from run import serve_worker, worker_parser, Ours, Setup, interleaved, spawn  # noqa: E402
 
 from dist_mtl.distributed import Distributed  # noqa: E402
 from dist_mtl.sharding import count_traffic, local, shard_model  # noqa: E402
@@ -123,18 +120,9 @@ def fsdp_rows(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = worker_parser(__doc__).parse_args(argv)
     if args.worker:
-        warnings.filterwarnings("ignore")
-        dist = Distributed.create()
-        result = worker(dist, args.quick)
-        if dist.is_main:
-            Path(args.result).write_text(json.dumps(result))
-        dist.shutdown()
+        serve_worker(args, worker)
         return
     started = time.time()
     result = fsdp_rows(args.quick)

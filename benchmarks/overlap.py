@@ -30,11 +30,8 @@ sending thread competes with the other process's backward for a core.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from run import AllReduceOnly, LocalStep, Ours, Setup, interleaved, spawn  # noqa: E402
+from run import serve_worker, worker_parser, AllReduceOnly, LocalStep, Ours, Setup, interleaved, spawn  # noqa: E402
 
 from dist_mtl.distributed import Distributed  # noqa: E402
 
@@ -201,18 +198,9 @@ def overlap_rows(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = worker_parser(__doc__).parse_args(argv)
     if args.worker:
-        warnings.filterwarnings("ignore")
-        dist = Distributed.create()
-        result = worker(dist, args.quick)
-        if dist.is_main:
-            Path(args.result).write_text(json.dumps(result))
-        dist.shutdown()
+        serve_worker(args, worker)
         return
     result = overlap_rows(args.quick)
     print(f"{result['model']}; 2 processes, 1 thread each{'  (QUICK: not a measurement)' if args.quick else ''}")

@@ -340,6 +340,27 @@ def run_worker(args) -> None:
 # the driver
 
 
+def worker_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line the benchmark scripts share: ``--quick``, and the hidden ``--worker`` and
+    ``--result`` with which ``spawn`` starts their worker processes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps each: a smoke run, not a measurement")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def serve_worker(args: argparse.Namespace, worker) -> None:
+    """In a process ``spawn`` started: ``worker(dist, quick)`` on every rank, rank 0's result
+    written to ``--result``."""
+    warnings.filterwarnings("ignore")
+    dist = Distributed.create()
+    result = worker(dist, args.quick)
+    if dist.is_main:
+        Path(args.result).write_text(json.dumps(result))
+    dist.shutdown()
+
+
 def spawn(nproc: int, worker: str, quick: bool, gpu: bool, *extra: str, script: str = __file__) -> dict:
     """Run a worker on ``nproc`` processes (one thread each on CPU) and return its result. ``script``
     is the benchmark file whose ``--worker`` it is (another benchmark can reuse this launcher)."""
