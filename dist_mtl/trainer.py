@@ -23,7 +23,7 @@ from .config import Config, DataConfig, TrainConfig
 from .baselines import constant_output, estimate_priors
 from .data import DatasetSource, MultiTaskData, TensorData, StepLoader, eval_shard, prepare, python_data, to_device, val_batches
 from .compat import optimizer_step
-from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size
+from .distributed import Distributed, check_not_fsdp, check_not_sharded, env_is_main, env_world_size, slurm_job
 from .aggregation import build_aggregation
 from .batchnorm import convert_cpu_sync_batchnorm, is_synchronised
 from .compiled import compile_model
@@ -386,6 +386,12 @@ class Trainer:
         self.shutdown()
         if failure:
             raise failure
+        if self.dist.is_main and stop == "SIGUSR1" and slurm_job() is not None and shutil.which("scontrol"):
+            # SLURM ends this job step as soon as it takes the requeue, which can be before the
+            # exit line below is printed: say it first (seen in a loaded CI run). Without scontrol
+            # there is no requeue, and the exit line alone says so.
+            print(f"dist-mtl: {stop} received: stopped after step {done} and checkpointed it; requeueing job "
+                  f"{slurm_job()}", file=sys.stderr, flush=True)
         outcome = preemption.requeue(self.dist.is_main, stop)
         raise preemption.Preempted(f"{stop} received: stopped after step {done} and checkpointed it; {outcome}")
 
