@@ -34,13 +34,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..aggregation import GRAMIAN_AGGREGATORS
 from ..errors import ConfigError
 from ..nonfinite import all_finite
 from ..sharding import local, no_sync, sync
 from .base import Batch, BackwardEngine, Update, conflict_stats
 
-SHARDED_AGGREGATORS = ("mean", "sum", "upgrad", "dualproj", "mgda", "pcgrad", "cagrad", "imtlg", "alignedmtl",
-                       "gradvac")
+SHARDED_AGGREGATORS = ("mean", "sum", *GRAMIAN_AGGREGATORS)  # mean and sum: fixed weights
 """Aggregators usable with ``jacobian`` under FSDP: their task weights depend on J J^T only."""
 
 
